@@ -1,0 +1,90 @@
+"""BlockEncoder: isolated prefill of many blocks, batched under a token budget.
+
+Each block is encoded alone at positions 0..T-1. Blocks are right-padded inside a batch: under a causal
+mask a real token never attends to padding that comes after it, and the attention mask keeps padding out
+as well, so padding never reaches any block's KV. Padded rows are sliced off before a KVBlock is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from blockrag.kv import KVBlock
+
+
+def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Group block indices so that each batch's (count x longest) stays within token_budget.
+
+    Blocks are taken longest first, so similar lengths share a batch and little is padded. A block
+    longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * longest > token_budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class BlockEncoder:
+    """Turns token-id blocks into KVBlocks with one forward pass per batch.
+
+    The encoder knows nothing about templates or stores: ids in, KVBlocks out, in input order.
+    """
+
+    def __init__(self, model: nn.Module, fingerprint: str, token_budget: int = 8192) -> None:
+        self.model = model
+        self.fingerprint = fingerprint
+        self.token_budget = token_budget
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def encode(self, blocks: Sequence[Sequence[int]], keys: Sequence[str], texts: Sequence[str | None] | None = None
+               ) -> list[KVBlock]:
+        """Encode each block alone.
+
+        Args:
+            blocks: token ids per block (non-empty).
+            keys: content key per block.
+            texts: optional block text per block.
+
+        Returns:
+            One KVBlock per input block, in input order, with (L, H, T, D) tensors on the model's device.
+        """
+        assert len(blocks) == len(keys), "one key per block"
+        assert all(len(b) > 0 for b in blocks), "blocks must be non-empty"
+        texts = list(texts) if texts is not None else [None] * len(blocks)
+        out: list[KVBlock | None] = [None] * len(blocks)
+        for batch in plan_batches([len(b) for b in blocks], self.token_budget):
+            for i, (k, v) in zip(batch, self._forward([blocks[i] for i in batch])):
+                out[i] = KVBlock(keys=k, values=v, token_ids=tuple(int(t) for t in blocks[i]),
+                                 fingerprint=self.fingerprint, key=keys[i], text=texts[i])
+        return out  # type: ignore[return-value]
+
+    def _forward(self, blocks: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        lengths = [len(b) for b in blocks]
+        longest = max(lengths)
+        ids = torch.zeros(len(blocks), longest, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(blocks), longest, dtype=torch.long, device=self.device)
+        for row, block in enumerate(blocks):
+            ids[row, : len(block)] = torch.as_tensor(list(block), dtype=torch.long)
+            mask[row, : len(block)] = 1
+        positions = torch.arange(longest, device=self.device).expand(len(blocks), -1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        layers = out.past_key_values.layers
+        keys = torch.stack([layer.keys for layer in layers], dim=1)  # (B, L, H, T, D)
+        values = torch.stack([layer.values for layer in layers], dim=1)
+        return [(keys[row, :, :, :n].clone(), values[row, :, :, :n].clone()) for row, n in enumerate(lengths)]

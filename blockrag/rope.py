@@ -1,0 +1,182 @@
+"""RoPE facts of a loaded model, and the one operation block attention needs: moving keys by delta.
+
+HF models cache keys *after* RoPE. Rotary embeddings are rotations, R(p + delta) = R(delta) R(p), so a
+block encoded alone at positions 0..T-1 is moved to positions delta..delta+T-1 by rotating its cached
+keys by delta. Values carry no position and are never touched.
+
+The rotation is computed from ``inv_freq`` in float32, never from the model's rotary module output: for
+yarn (and longrope) that output is multiplied by ``attention_scaling``, which the stored keys already
+carry, so using it would scale them twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from blockrag.errors import UnsupportedModelError
+
+#: Rope types whose inverse frequencies do not depend on sequence length.
+SUPPORTED_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
+
+# Models whose rotary embedding pairs interleaved dims (x0, x1), (x2, x3), ... instead of the
+# rotate_half layout (x_i, x_{i + R/2}) that rotate_keys implements.
+_INTERLEAVED_ROPE_MODELS = frozenset({"gptj", "codegen", "cohere", "cohere2", "glm", "glm4", "chatglm"})
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """What rotate_keys needs to know about a model's rotary embedding.
+
+    Attributes:
+        inv_freq: (R/2,) float32 inverse frequencies on the CPU.
+        rotary_dim: R, the number of leading head dims that are rotated (R <= head_dim).
+        head_dim: D.
+        rope_type: "default", "linear", "llama3" or "yarn".
+        attention_scaling: factor the model multiplies cos/sin with (already inside stored keys).
+    """
+
+    inv_freq: Tensor
+    rotary_dim: int
+    head_dim: int
+    rope_type: str
+    attention_scaling: float
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        # Per-layer-type parameters (e.g. {"full_attention": {...}, "sliding_attention": {...}}).
+        types = {p.get("rope_type", p.get("type", "default")) for p in params.values()}
+        if len(types) != 1:
+            raise UnsupportedModelError(
+                f"expected one rope type for all layers, found {sorted(types)}; "
+                "models with per-layer rotary embeddings are not supported"
+            )
+        return types.pop()
+    if isinstance(params, dict):
+        return params.get("rope_type", params.get("type", "default")) or "default"
+    return "default"
+
+
+def check_attention_layout(config) -> None:
+    """Refuse configs whose attention is not full causal attention in every layer.
+
+    Raises:
+        UnsupportedModelError: sliding-window or hybrid (sliding / linear / recurrent) layers.
+    """
+    config = _text_config(config)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        other = sorted({t for t in layer_types if t != "full_attention"})
+        if other:
+            raise UnsupportedModelError(
+                f"expected every layer to be 'full_attention', found layer types {other} "
+                f"({getattr(config, 'model_type', '?')}); sliding-window and hybrid layers see a different "
+                "context in block mode than in the block-masked reference, so they are not supported"
+            )
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) and window is not None:
+        max_pos = getattr(config, "max_position_embeddings", None)
+        if max_pos is None or window < max_pos:
+            raise UnsupportedModelError(
+                f"expected no sliding window, found sliding_window={window} "
+                f"(max_position_embeddings={max_pos}); sliding-window attention is not supported. "
+                "Set config.sliding_window=None if the model was trained without it"
+            )
+
+
+def _find_rotary_module(model: nn.Module) -> nn.Module | None:
+    for module in model.modules():
+        if isinstance(getattr(module, "inv_freq", None), Tensor):
+            return module
+    return None
+
+
+def rope_spec(model: nn.Module) -> RopeSpec:
+    """Read the rotary facts of a loaded HF causal LM, refusing what cannot be re-encoded.
+
+    Raises:
+        UnsupportedModelError: no RoPE (e.g. GPT-2), a length-dependent rope type ("dynamic",
+            "longrope"), an unknown rope type, interleaved rotary layout, sliding-window or hybrid layers.
+    """
+    config = _text_config(model.config)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    check_attention_layout(config)
+    rotary = _find_rotary_module(model)
+    if rotary is None:
+        raise UnsupportedModelError(
+            f"expected a model with rotary position embeddings (RoPE), found {model_type} with none; "
+            "block attention needs RoPE to move cached keys to new positions"
+        )
+    if model_type in _INTERLEAVED_ROPE_MODELS:
+        raise UnsupportedModelError(
+            f"expected rotate-half RoPE, found {model_type} which interleaves rotary dims; not supported"
+        )
+    rope_type = getattr(rotary, "rope_type", None) or _rope_type(config)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        why = (
+            "its inverse frequencies change with sequence length, so a block encoded alone would not match"
+            if rope_type in ("dynamic", "longrope")
+            else "it is not a rope type blockrag knows how to re-encode"
+        )
+        raise UnsupportedModelError(
+            f"expected rope type in {sorted(SUPPORTED_ROPE_TYPES)}, found {rope_type!r} ({model_type}); {why}"
+        )
+    inv_freq = rotary.inv_freq.detach().to("cpu", torch.float32).clone()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotary_dim = 2 * inv_freq.numel()
+    if rotary_dim > head_dim:
+        raise UnsupportedModelError(f"expected rotary dims <= head_dim {head_dim}, found {rotary_dim}")
+    return RopeSpec(
+        inv_freq=inv_freq,
+        rotary_dim=rotary_dim,
+        head_dim=head_dim,
+        rope_type=rope_type,
+        attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+    )
+
+
+def rotation_cos_sin(delta: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin of delta * inv_freq, in float32, laid out for rotate_half.
+
+    Args:
+        delta: () or (T,) integer offsets.
+        inv_freq: (R/2,) float32 inverse frequencies.
+
+    Returns:
+        cos, sin: (R,) or (T, R) float32.
+    """
+    angles = delta.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate_keys(keys: Tensor, delta: int | Tensor, inv_freq: Tensor) -> Tensor:
+    """Move RoPE keys from positions p to p + delta.
+
+    Args:
+        keys: (..., T, D) keys already rotated for their current positions (any float dtype).
+        delta: int, () or (T,) offsets.
+        inv_freq: (R/2,) float32 inverse frequencies; R = rotary dims <= D.
+
+    Returns:
+        (..., T, D) keys in the input dtype; dims R..D are returned unchanged.
+    """
+    delta = torch.as_tensor(delta, device=keys.device)
+    cos, sin = rotation_cos_sin(delta, inv_freq.to(keys.device))
+    rotary_dim = cos.shape[-1]
+    rot = keys[..., :rotary_dim].float()
+    half = rotary_dim // 2
+    rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = (rot * cos + rotated_half * sin).to(keys.dtype)
+    if rotary_dim == keys.shape[-1]:
+        return out
+    return torch.cat((out, keys[..., rotary_dim:]), dim=-1)
