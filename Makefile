@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[all,dev]"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
