@@ -1,18 +1,64 @@
 """Blocks -> a transformers cache. The only module that knows the HF cache layout.
 
-transformers 5.x: ``DynamicCache`` filled through its public ``update(k, v, layer_idx)``; each layer holds
-``[B, H, T, D]`` keys (after RoPE) and values.
+transformers 5.x: a ``DynamicCache`` whose layers hold ``[B, H, T, D]`` keys (after RoPE) and values. Here
+each layer is a ``BufferLayer``: a view into one preallocated buffer with room for the final block and the
+tokens to be generated, so neither the prefill nor decoding re-concatenates the context.
+
+Three ways to fill the buffer, same result:
+* eager (CPU, or no triton): rotate each block with ``rope.rotate_keys`` and copy it in;
+* device-resident blocks on CUDA: one Triton pass gathers all blocks and rotates keys on the way;
+* host-resident blocks on CUDA (pinned memory): layer l+1 is copied on a side stream while layer l
+  computes; each layer's keys are rotated in place on the GPU right before its first use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from blockrag.kv import KVBlock
 from blockrag.rope import RopeSpec, rotate_keys
+
+
+class BufferLayer(DynamicLayer):
+    """A cache layer over a preallocated (1, H, cap, D) buffer: ``update`` writes in place.
+
+    ``before_use`` (optional) runs once before the first update, e.g. to wait for this layer's copy.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, length: int, before_use: Callable[[], None] | None = None):
+        super().__init__()
+        self._keys_buf, self._values_buf = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        self._before_use = before_use
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if self._before_use is not None:
+            ready, self._before_use = self._before_use, None
+            ready()
+        start, added = self.keys.shape[-2], key_states.shape[-2]
+        if start + added > self._keys_buf.shape[-2]:
+            self._grow(start + added)
+        self._keys_buf[:, :, start : start + added].copy_(key_states)
+        self._values_buf[:, :, start : start + added].copy_(value_states)
+        self.keys = self._keys_buf[:, :, : start + added]
+        self.values = self._values_buf[:, :, : start + added]
+        return self.keys, self.values
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self._keys_buf.shape[-2])
+        keys = self._keys_buf.new_empty(*self._keys_buf.shape[:2], capacity, self._keys_buf.shape[-1])
+        values = self._values_buf.new_empty(*self._values_buf.shape[:2], capacity, self._values_buf.shape[-1])
+        length = self.keys.shape[-2]
+        keys[:, :, :length] = self.keys
+        values[:, :, :length] = self.values
+        self._keys_buf, self._values_buf = keys, values
 
 
 def block_offsets(blocks: Sequence[KVBlock]) -> list[int]:
@@ -24,8 +70,30 @@ def block_offsets(blocks: Sequence[KVBlock]) -> list[int]:
     return offsets
 
 
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fast_path(blocks: Sequence[KVBlock], device: torch.device) -> str:
+    """Which fill applies: "gpu" (device-resident, Triton), "host" (pinned CPU -> CUDA, pipelined) or "eager"."""
+    if device.type != "cuda" or not _triton_available():
+        return "eager"
+    if any(b.keys.shape[-1] != b.values.shape[-1] or not b.keys.is_contiguous() for b in blocks):
+        return "eager"
+    if all(b.device == device for b in blocks):
+        return "gpu"
+    if all(b.device.type == "cpu" for b in blocks):
+        return "host"
+    return "eager"
+
+
 def assemble_cache(
-    blocks: Sequence[KVBlock], rope: RopeSpec, config, device: torch.device, *, reencode: bool = True
+    blocks: Sequence[KVBlock], rope: RopeSpec, config, device: torch.device, *, reencode: bool = True,
+    capacity: int = 0, path: str | None = None,
 ) -> tuple[DynamicCache, int]:
     """Concatenate blocks into a fresh cache, each block's keys rotated to its offset.
 
@@ -36,18 +104,86 @@ def assemble_cache(
         device: where the cache lives.
         reencode: rotate keys to their offsets. False keeps every block at positions 0..T_i-1 (the
             paper's "w/o position re-encoding" ablation).
+        capacity: extra room to preallocate after the context (final block + new tokens).
+        path: force "eager", "gpu" or "host" (default: ``fast_path``).
 
     Returns:
         (cache, next_position): next_position = sum of T_i, the position of the first token after.
     """
-    keys, values = [], []
-    for block, offset in zip(blocks, block_offsets(blocks)):
-        k = block.keys.to(device, non_blocking=True)
-        keys.append(rotate_keys(k, offset, rope.inv_freq) if reencode and offset else k)
-        values.append(block.values.to(device, non_blocking=True))
-    all_keys = torch.cat(keys, dim=2)  # (L, H, N, D)
-    all_values = torch.cat(values, dim=2)
+    offsets = block_offsets(blocks)
+    total = offsets[-1] + blocks[-1].num_tokens
+    deltas = offsets if reencode else [0] * len(blocks)
+    layers, heads, _, dim = blocks[0].keys.shape
+    dim_v = blocks[0].values.shape[-1]
+    dtype = blocks[0].dtype
+    keys = torch.empty(layers, 1, heads, total + capacity, dim, dtype=dtype, device=device)
+    values = torch.empty(layers, 1, heads, total + capacity, dim_v, dtype=dtype, device=device)
+    path = path or fast_path(blocks, device)
+    ready: list[Callable[[], None] | None] = [None] * layers
+    if path == "gpu":
+        from blockrag.kernels import block_table, gather_rotate, pointers
+
+        table = block_table([b.num_tokens for b in blocks], offsets, deltas, rope.inv_freq, device)
+        ptrs = pointers([[b.keys for b in blocks], [b.values for b in blocks]], device)
+        gather_rotate(ptrs[0], ptrs[1], table, keys[:, 0], values[:, 0])
+    elif path == "host":
+        ready = _copy_from_host(blocks, offsets, deltas, rope, keys, values)
+    else:
+        for block, offset, delta in zip(blocks, offsets, deltas):
+            k = block.keys.to(device)
+            keys[:, 0, :, offset : offset + block.num_tokens] = rotate_keys(k, delta, rope.inv_freq) if delta else k
+            values[:, 0, :, offset : offset + block.num_tokens] = block.values.to(device)
     cache = DynamicCache(config=config)
-    for layer in range(all_keys.shape[0]):
-        cache.update(all_keys[layer].unsqueeze(0), all_values[layer].unsqueeze(0), layer)
-    return cache, all_keys.shape[2]
+    cache.layers = [BufferLayer(keys[i], values[i], total, ready[i]) for i in range(layers)]
+    return cache, total
+
+
+def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callable[[], None]]:
+    """Start layer-by-layer host->device copies on a side stream; return per-layer 'ready' hooks.
+
+    Each block is copied into a device staging tensor, one layer at a time, so every copy is one
+    contiguous memcpy; layer l's hook waits for its copy, then gathers and rotates on the compute stream.
+    """
+    from blockrag.kernels import block_table, pointers
+
+    device = keys.device
+    compute = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(compute)  # the buffers were allocated on the compute stream
+    staged_k = [torch.empty(b.keys.shape, dtype=b.dtype, device=device) for b in blocks]
+    staged_v = [torch.empty(b.values.shape, dtype=b.dtype, device=device) for b in blocks]
+    for staged in (*staged_k, *staged_v):
+        staged.record_stream(side)  # written on the side stream: not reusable before those copies finish
+    table = block_table([b.num_tokens for b in blocks], offsets, deltas, rope.inv_freq, device)
+    layers = keys.shape[0]
+    k_ptrs = pointers([[sk[layer] for sk in staged_k] for layer in range(layers)], device)  # (L, nb)
+    v_ptrs = pointers([[sv[layer] for sv in staged_v] for layer in range(layers)], device)
+    events = []
+    with torch.cuda.stream(side):
+        for layer in range(layers):
+            for block, sk, sv in zip(blocks, staged_k, staged_v):
+                sk[layer].copy_(block.keys[layer], non_blocking=True)
+                sv[layer].copy_(block.values[layer], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(side)
+            events.append(event)
+
+    return [_LayerFromHost(events[layer], (staged_k, staged_v), k_ptrs[layer], v_ptrs[layer], table, keys[layer],
+                           values[layer]) for layer in range(layers)]
+
+
+class _LayerFromHost:
+    """``before_use`` hook of one layer: wait for its copy, then gather + rotate on the compute stream.
+
+    It holds the staging tensors: the pointer tables address them, so they must outlive every layer's use.
+    """
+
+    def __init__(self, event, staging, k_ptrs, v_ptrs, table, keys, values) -> None:
+        self.event, self.staging = event, staging
+        self.k_ptrs, self.v_ptrs, self.table, self.keys, self.values = k_ptrs, v_ptrs, table, keys, values
+
+    def __call__(self) -> None:
+        from blockrag.kernels import gather_rotate
+
+        torch.cuda.current_stream(self.keys.device).wait_event(self.event)
+        gather_rotate(self.k_ptrs, self.v_ptrs, self.table, self.keys, self.values)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -152,10 +153,14 @@ class BlockEngine:
         token_budget: most tokens (batch x longest block) per encoding forward pass.
         verify_rope: at construction, check on a short probe that rotating cached keys reproduces
             keys encoded at the shifted positions; refuse the model if not.
+        fast_attention: run the engine's own forward passes with ``blockrag.attention`` (GQA-native,
+            flash kernels, split context). None: on CUDA with 16-bit weights. The model's configured
+            attention is restored after every call.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, template: str | BlockTemplate = "chat",
-                 store: KVStore | None = None, token_budget: int = 8192, verify_rope: bool = True) -> None:
+                 store: KVStore | None = None, token_budget: int = 8192, verify_rope: bool = True,
+                 fast_attention: bool | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.rope: RopeSpec = rope_spec(model)
@@ -166,6 +171,13 @@ class BlockEngine:
         self.encoder = BlockEncoder(model, self.fingerprint, token_budget)
         self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.eos_ids = self._eos_ids()
+        if fast_attention is None:
+            fast_attention = self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+        self.fast_attention = fast_attention
+        if fast_attention:
+            from blockrag.attention import register
+
+            self._attention_name = register()
         if verify_rope:
             self._verify_rope()
 
@@ -195,6 +207,20 @@ class BlockEngine:
     @property
     def model_name(self) -> str:
         return getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+
+    @contextmanager
+    def _attention(self):
+        """Use the fast attention implementation for the duration of one engine call."""
+        if not self.fast_attention:
+            yield
+            return
+        config = self.model.config
+        previous = config._attn_implementation
+        config._attn_implementation = self._attention_name
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
 
     # --- blocks ----------------------------------------------------------------------------------
 
@@ -234,8 +260,9 @@ class BlockEngine:
         cached = [b is not None for b in blocks]
         missing = [i for i, b in enumerate(blocks) if b is None]
         if missing:
-            fresh = self.encoder.encode([ids[i] for i in missing], [keys[i] for i in missing],
-                                        [texts[i] for i in missing])
+            with self._attention():
+                fresh = self.encoder.encode([ids[i] for i in missing], [keys[i] for i in missing],
+                                            [texts[i] for i in missing])
             self.store.put_many(fresh)
             for i, block in zip(missing, fresh):
                 blocks[i] = block
@@ -288,11 +315,11 @@ class BlockEngine:
             mode: "block" (cached context blocks, final block prefilled) or "full" (one causal prefill).
             reencode: block mode only; False keeps every block at its own positions 0..T-1 (ablation).
         """
-        result, _, _ = self._prefill(passages, question, instruction, mode, reencode)
+        result, _, _ = self._prefill(passages, question, instruction, mode, reencode, 0)
         return result
 
     @torch.inference_mode()
-    def _prefill(self, passages, question, instruction, mode, reencode):
+    def _prefill(self, passages, question, instruction, mode, reencode, new_tokens: int):
         if mode not in ("block", "full"):
             raise InvalidInputError(f"expected mode 'block' or 'full', found {mode!r}")
         start = time.perf_counter()
@@ -305,7 +332,8 @@ class BlockEngine:
             blocks, cached = self._context_blocks(prompt)
             infos = [BlockInfo(b.key, b.token_ids, c) for b, c in zip(blocks, cached)]
             if blocks:
-                cache, next_pos = assemble_cache(blocks, self.rope, self.model.config, device, reencode=reencode)
+                cache, next_pos = assemble_cache(blocks, self.rope, self.model.config, device, reencode=reencode,
+                                                 capacity=len(prompt.final_ids) + new_tokens)
             else:
                 cache, next_pos = None, 0
             feed = prompt.final_ids
@@ -315,8 +343,9 @@ class BlockEngine:
             cache, next_pos, feed = None, 0, input_ids
             cached_tokens = encoded_tokens = 0
         positions = torch.arange(next_pos, next_pos + len(feed), device=device)
-        out = self.model(input_ids=torch.tensor([feed], device=device), position_ids=positions[None],
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with self._attention():
+            out = self.model(input_ids=torch.tensor([feed], device=device), position_ids=positions[None],
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1].float()
         _sync(device)
         usage = Usage(cached_tokens=cached_tokens, encoded_tokens=encoded_tokens, prefilled_tokens=len(feed),
@@ -370,7 +399,8 @@ class BlockEngine:
 
     def _run(self, passages, question, instruction, mode, reencode, params: SamplingParams,
              holder: list[Generation]) -> Iterator[str]:
-        prefill, cache, (logits, position, start) = self._prefill(passages, question, instruction, mode, reencode)
+        prefill, cache, (logits, position, start) = self._prefill(passages, question, instruction, mode, reencode,
+                                                                  params.max_new_tokens)
         device = self.device
         generator = make_generator(params.seed, device)
         text = TextAccumulator(self.tokenizer, params.stop)
@@ -395,9 +425,10 @@ class BlockEngine:
                 if len(token_ids) >= params.max_new_tokens or (
                         self.max_positions is not None and position >= self.max_positions):
                     break
-                out = self.model(input_ids=torch.tensor([[token]], device=device),
-                                 position_ids=torch.tensor([[position]], device=device),
-                                 past_key_values=cache, use_cache=True)
+                with self._attention():
+                    out = self.model(input_ids=torch.tensor([[token]], device=device),
+                                     position_ids=torch.tensor([[position]], device=device),
+                                     past_key_values=cache, use_cache=True)
                 cache, logits, position = out.past_key_values, out.logits[0, -1].float(), position + 1
             _sync(device)
         tail = text.finish()

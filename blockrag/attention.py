@@ -1,0 +1,136 @@
+"""GQA-native attention for prefilling a final block over a long cached context.
+
+The final block's q queries see every context key and, causally, the final block's own keys. Plain
+HF SDPA with a mask materialises GQA heads (``repeat_kv``) and, with a mask, cannot use flash kernels.
+Here the two parts are computed separately and merged by log-sum-exp:
+
+* context: no mask at all, so the G query heads of each KV group are folded into rows
+  (``(B, Hkv, G*q, D)`` against ``(B, Hkv, Nctx, D)``) - no repeat_kv, flash kernels apply. On CUDA the
+  context is also split into chunks laid along the batch dimension (flash-decoding style), so a few
+  hundred query rows still fill the GPU;
+* final block: a small causal attention over q keys.
+
+Registered with transformers as attention implementation ``"blockrag"``; the engine switches a model to it
+only for the duration of its own calls (batch 1, no padding, where the mask is bottom-right causal).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ATTENTION_NAME = "blockrag"
+
+
+def _attend(query: Tensor, key: Tensor, value: Tensor, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """(out, lse) of softmax attention. query (B, H, Lq, D); key/value (B, H, Lk, D); lse (B, H, Lq) float32."""
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, causal, False, scale=scale)
+        return out[0], out[1]
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal,
+                                                                             scale=scale)
+        return out, lse
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+    if causal:
+        lq, lk = scores.shape[-2:]
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril(lk - lq)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    lse = scores.logsumexp(-1)
+    return ((scores - lse[..., None]).exp() @ value.float()).to(query.dtype), lse
+
+
+def merge_partials(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Combine attention over disjoint key sets. outs (..., Lq, D), lses (..., Lq) -> (out, lse)."""
+    lse = torch.stack(lses).logsumexp(0)
+    out = sum((part - lse).exp()[..., None] * o.float() for o, part in zip(outs, lses))
+    return out.to(outs[0].dtype), lse
+
+
+def _context_chunks(length: int, device: torch.device, target: int = 4096) -> int:
+    """How many equal chunks to split the context into (1 on CPU or for short contexts)."""
+    if device.type != "cuda" or length < 2 * target:
+        return 1
+    return length // target
+
+
+def _attend_context(query: Tensor, key: Tensor, value: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Unmasked attention over the context, split along keys into chunks on the batch dimension.
+
+    query (1, H, Lq, D); key/value (1, H, N, D) with unit stride in D.
+    """
+    _, heads, rows, dim = query.shape
+    n = key.shape[2]
+    chunks = _context_chunks(n, query.device)
+    if chunks == 1:
+        return _attend(query, key, value, scale, causal=False)
+    size = n // chunks
+    main = chunks * size
+    # (1, H, chunks*size, D) -> (chunks, H, size, D) as a strided view: no copy of the context.
+    k = key[0, :, :main].unflatten(1, (chunks, size)).transpose(0, 1)
+    v = value[0, :, :main].unflatten(1, (chunks, size)).transpose(0, 1)
+    q = query.expand(chunks, heads, rows, dim)
+    out, lse = _attend(q, k, v, scale, causal=False)
+    outs, lses = list(out.unbind(0)), list(lse.unbind(0))
+    if main < n:
+        rest_out, rest_lse = _attend(query, key[:, :, main:], value[:, :, main:], scale, causal=False)
+        outs.append(rest_out[0])
+        lses.append(rest_lse[0])
+    out, lse = merge_partials(outs, lses)
+    return out[None], lse[None]
+
+
+def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+    """Bottom-right causal attention with grouped KV: query i sees keys 0 .. N - q + i.
+
+    Args:
+        query: (1, Hq, q, D).
+        key, value: (1, Hkv, N, D), N >= q, Hq a multiple of Hkv; the last q keys belong to the queries.
+        scale: softmax scale.
+
+    Returns:
+        (1, Hq, q, D).
+    """
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    groups = q_heads // kv_heads
+    context = n - q_len
+    if q_len == 1 or context == 0:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scale, enable_gqa=True)
+    folded = query.reshape(batch, kv_heads, groups * q_len, dim)  # heads of one KV group become rows
+    ctx_out, ctx_lse = _attend_context(folded, key[:, :, :context], value[:, :, :context], scale)
+    ctx_out = ctx_out.reshape(batch, q_heads, q_len, dim)
+    ctx_lse = ctx_lse.reshape(batch, q_heads, q_len)
+    tail_k = key[:, :, context:].repeat_interleave(groups, dim=1)
+    tail_v = value[:, :, context:].repeat_interleave(groups, dim=1)
+    tail_out, tail_lse = _attend(query, tail_k, tail_v, scale, causal=True)
+    out, _ = merge_partials([ctx_out, tail_out], [ctx_lse, tail_lse])
+    return out
+
+
+def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
+                      scaling: float | None = None, **kwargs):
+    """transformers attention-interface entry point. Returns ((B, q, Hq, D), None)."""
+    if query.shape[0] != 1 or dropout or key.shape[-1] != value.shape[-1]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = final_block_attention(query, key, value, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+def register() -> str:
+    """Register the attention implementation with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(ATTENTION_NAME, attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _no_mask)
+    return ATTENTION_NAME
