@@ -1,0 +1,65 @@
+"""Tiny local models and engines shared by the LlamaIndex tests (built once per process)."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events import BaseEvent
+
+from blockrag import BlockEngine
+from blockrag.testing import tiny_pipeline
+
+
+@functools.cache
+def tiny_pair(arch: str = "llama", seed: int = 0):
+    return tiny_pipeline(arch, seed=seed)
+
+
+def tiny_engine(arch: str = "llama", seed: int = 0) -> BlockEngine:
+    """A fresh engine (own empty store) over a shared tiny random model."""
+    return BlockEngine(*tiny_pair(arch, seed))
+
+
+@functools.cache
+def tiny_model_dir(arch: str = "llama", seed: int = 0) -> str:
+    """The tiny model saved like a Hub checkout, so `model_name=<path>` loads it for real."""
+    model, tokenizer = tiny_pair(arch, seed)
+    path = Path(tempfile.mkdtemp(prefix=f"blockrag-tiny-{arch}-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+class EventLog(BaseEventHandler):
+    """Records LlamaIndex instrumentation events (a real handler on the root dispatcher)."""
+
+    events: list = []
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "EventLog"
+
+    def handle(self, event: BaseEvent, **kwargs) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type) -> list:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+def record_events() -> EventLog:
+    log = EventLog(events=[])
+    get_dispatcher().add_event_handler(log)
+    return log
+
+
+def stop_recording(log: EventLog) -> None:
+    handlers = get_dispatcher().event_handlers
+    if log in handlers:
+        handlers.remove(log)
