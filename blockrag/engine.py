@@ -156,11 +156,13 @@ class BlockEngine:
         fast_attention: run the engine's own forward passes with ``blockrag.attention`` (GQA-native,
             flash kernels, split context). None: on CUDA with 16-bit weights. The model's configured
             attention is restored after every call.
+        assemble_path: force how cached blocks are assembled ("eager", "gpu", "host"); None picks the
+            fastest that applies (see ``blockrag.assemble.fast_path``). For benchmarks and debugging.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, template: str | BlockTemplate = "chat",
                  store: KVStore | None = None, token_budget: int = 8192, verify_rope: bool = True,
-                 fast_attention: bool | None = None) -> None:
+                 fast_attention: bool | None = None, assemble_path: str | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.rope: RopeSpec = rope_spec(model)
@@ -174,6 +176,7 @@ class BlockEngine:
         if fast_attention is None:
             fast_attention = self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
         self.fast_attention = fast_attention
+        self.assemble_path = assemble_path
         if fast_attention:
             from blockrag.attention import register
 
@@ -333,7 +336,8 @@ class BlockEngine:
             infos = [BlockInfo(b.key, b.token_ids, c) for b, c in zip(blocks, cached)]
             if blocks:
                 cache, next_pos = assemble_cache(blocks, self.rope, self.model.config, device, reencode=reencode,
-                                                 capacity=len(prompt.final_ids) + new_tokens)
+                                                 capacity=len(prompt.final_ids) + new_tokens,
+                                                 path=self.assemble_path)
             else:
                 cache, next_pos = None, 0
             feed = prompt.final_ids

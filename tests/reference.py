@@ -31,11 +31,12 @@ def to_model_mask(mask, model):
 @torch.no_grad()
 def reference_logits(model, block_ids, tail_ids):
     """Logits of every position from ONE forward over all ids with the block mask, positions 0..N-1."""
+    device = next(model.parameters()).device
     ids = [t for block in block_ids for t in block] + list(tail_ids)
     mask = reference_block_mask([len(b) for b in block_ids], len(tail_ids))
-    out = model(input_ids=torch.tensor([ids]), attention_mask=to_model_mask(mask, model),
-                position_ids=torch.arange(len(ids))[None], use_cache=False)
-    return out.logits[0].float()
+    out = model(input_ids=torch.tensor([ids], device=device), attention_mask=to_model_mask(mask, model).to(device),
+                position_ids=torch.arange(len(ids), device=device)[None], use_cache=False)
+    return out.logits[0].float().cpu()
 
 
 @torch.no_grad()

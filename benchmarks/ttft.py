@@ -1,0 +1,237 @@
+"""Time-to-first-token: full prefill vs block mode, through BlockEngine.prefill (the path users call).
+
+GPU (default when CUDA is present): Llama-3.1-8B shape (32 layers, 32 heads, 8 KV heads, head dim 128,
+llama3 rope scaling), random bf16 weights, passages of ~512 tokens, a ~64-token question, totals
+4K/8K/16K/32K. Columns, all measured in this run:
+  full            one causal prefill over all ids (mode="full", HF sdpa)
+  block-naive     block mode, eager rotation + HF sdpa attention (the path before the fast path)
+  block-gpu       block mode, KV resident on the GPU (Triton gather+rotate, GQA-native attention)
+  block-host      block mode, KV in pinned host memory (layer-wise pipelined copies)
+  floor           (weights + KV bytes) / measured device bandwidth (host: KV bytes / measured H2D bandwidth)
+CPU (--cpu or no CUDA): Qwen2.5-0.5B shape, fp32, totals 1K/2K/4K, full vs block.
+
+Prints a table, writes a PNG plot and a JSON file (``--out``), and ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from blockrag import BlockEngine, BlockTemplate  # noqa: E402
+from blockrag.testing import build_tokenizer  # noqa: E402
+
+TEMPLATE = BlockTemplate(prefix="System: {instruction}\n", passage="{text}\n", final="Question: {question}\nAnswer:",
+                         instruction="Answer from the passages.", bos=False, name="bench")
+
+
+def llama8b_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192}, tie_word_embeddings=False)
+
+
+def qwen05b_config(vocab_size: int):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True)
+
+
+def build_model(config, dtype, device):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def passage_texts(tokenizer, count: int, tokens: int, seed: int = 0) -> list[str]:
+    """Texts of ~``tokens`` tokens each, made of random vocabulary pieces (content does not matter for timing)."""
+    g = torch.Generator().manual_seed(seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    texts = []
+    for _ in range(count):
+        ids = [vocab[j] for j in torch.randint(len(vocab), (tokens,), generator=g).tolist()]
+        texts.append(tokenizer.decode(ids))
+    return texts
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def device_bandwidth(device) -> tuple[float, float]:
+    """(device-to-device GB/s counting read+write, pinned host-to-device GB/s), measured."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    d2d = 2 * x.numel() / median_time(lambda: y.copy_(x), 10) / 1e9
+    h = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
+    h2d = h.numel() / median_time(lambda: y.copy_(h, non_blocking=True), 5) / 1e9
+    return d2d, h2d
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or os.environ.get("BLOCKRAG_COMMIT", "?")
+    except OSError:
+        return os.environ.get("BLOCKRAG_COMMIT", "?")
+
+
+def run_gpu(args) -> dict:
+    device = torch.device("cuda")
+    tokenizer = build_tokenizer(vocab_size=4096)
+    model = build_model(llama8b_config(128256), torch.bfloat16, device)  # real vocab: lm_head bytes count
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    fast = BlockEngine(model, tokenizer, template=TEMPLATE)
+    naive = BlockEngine(model, tokenizer, template=TEMPLATE, fast_attention=False, assemble_path="eager")
+    question = passage_texts(tokenizer, 1, args.question_tokens, seed=99)[0]
+    d2d, h2d = device_bandwidth(device)
+    kv_per_token = 2 * 32 * 8 * 128 * 2
+    rows = []
+    all_texts = passage_texts(tokenizer, max(args.totals) // args.block_tokens, args.block_tokens)
+    fast.encode(passage_texts(tokenizer, 16, args.block_tokens, seed=7))  # warm-up: kernels, allocator
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    gpu_blocks_all = fast.encode(all_texts)
+    torch.cuda.synchronize()
+    encode_s = time.perf_counter() - start
+    encode_tps = sum(b.num_tokens for b in gpu_blocks_all) / encode_s
+    for total in args.totals:
+        texts = all_texts[: total // args.block_tokens - 1]
+        gpu_blocks = gpu_blocks_all[: len(texts)]
+        host_blocks = [dataclasses.replace(b, keys=b.keys.cpu().pin_memory(), values=b.values.cpu().pin_memory())
+                       for b in gpu_blocks]
+        probe = fast.prefill(gpu_blocks, question)
+        n = len(probe.input_ids)
+        kv_bytes = (n - len(probe.final_ids)) * kv_per_token
+        row = {"total_tokens": n, "context_tokens": n - len(probe.final_ids), "final_tokens": len(probe.final_ids)}
+        row["full_ms"] = 1e3 * median_time(lambda: fast.prefill(texts, question, mode="full"), args.repeats_full)
+        row["block_naive_ms"] = 1e3 * median_time(lambda: naive.prefill(gpu_blocks, question), args.repeats)
+        row["block_gpu_ms"] = 1e3 * median_time(lambda: fast.prefill(gpu_blocks, question), args.repeats)
+        row["block_host_ms"] = 1e3 * median_time(lambda: fast.prefill(host_blocks, question), args.repeats)
+        row["floor_gpu_ms"] = 1e3 * (weight_bytes + kv_bytes) / (d2d / 2 * 1e9)
+        row["floor_host_ms"] = 1e3 * kv_bytes / (h2d * 1e9)
+        row["speedup_gpu"] = row["full_ms"] / row["block_gpu_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del host_blocks
+    return {"device": torch.cuda.get_device_name(), "model": "Llama-3.1-8B shape, random weights", "dtype": "bfloat16",
+            "block_tokens": args.block_tokens, "question_tokens": args.question_tokens,
+            "d2d_GBps_read_plus_write": d2d, "h2d_GBps": h2d, "weight_bytes": weight_bytes,
+            "encode_tokens_per_s": encode_tps, "rows": rows}
+
+
+def run_cpu(args) -> dict:
+    device = torch.device("cpu")
+    tokenizer = build_tokenizer(vocab_size=4096)
+    model = build_model(qwen05b_config(151936), torch.float32, device)
+    engine = BlockEngine(model, tokenizer, template=TEMPLATE)
+    question = passage_texts(tokenizer, 1, args.question_tokens, seed=99)[0]
+    rows = []
+    for total in args.totals:
+        texts = passage_texts(tokenizer, total // args.block_tokens - 1, args.block_tokens)
+        blocks = engine.encode(texts)
+        probe = engine.prefill(blocks, question)
+        row = {"total_tokens": len(probe.input_ids), "final_tokens": len(probe.final_ids)}
+        row["full_ms"] = 1e3 * median_time(lambda: engine.prefill(texts, question, mode="full"), args.repeats_full, 0)
+        row["block_ms"] = 1e3 * median_time(lambda: engine.prefill(blocks, question), args.repeats)
+        row["speedup"] = row["full_ms"] / row["block_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"device": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+            "model": "Qwen2.5-0.5B shape, random weights", "dtype": "float32", "block_tokens": args.block_tokens,
+            "question_tokens": args.question_tokens, "rows": rows}
+
+
+def print_table(result: dict) -> None:
+    rows = result["rows"]
+    cols = [c for c in rows[0] if c.endswith("_ms") or c.startswith("speedup")]
+    print(f"\n{result['device']} | {result['model']} | {result['dtype']}")
+    print("| total tokens | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for r in rows:
+        print(f"| {r['total_tokens']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    x = [r["total_tokens"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for col in [c for c in rows[0] if c.endswith("_ms")]:
+        ax.plot(x, [r[col] for r in rows], marker="o", label=col.removesuffix("_ms"))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("total prompt tokens")
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_title(f"{result['device']}\n{result['model']}, {result['dtype']}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu", action="store_true", help="run the CPU table even if CUDA is present")
+    parser.add_argument("--totals", type=int, nargs="+", help="total prompt tokens to test")
+    parser.add_argument("--block-tokens", type=int, default=None, help="tokens per passage block")
+    parser.add_argument("--question-tokens", type=int, default=None, help="tokens in the question")
+    parser.add_argument("--repeats", type=int, default=20, help="timed repeats of block mode (median)")
+    parser.add_argument("--repeats-full", type=int, default=3, help="timed repeats of full prefill (median)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available() and not args.cpu
+    args.totals = args.totals or ([4096, 8192, 16384, 32768] if gpu else [1024, 2048, 4096])
+    args.block_tokens = args.block_tokens or (512 if gpu else 256)
+    args.question_tokens = args.question_tokens or (64 if gpu else 32)
+    result = run_gpu(args) if gpu else run_cpu(args)
+    result.update(commit=commit(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+                  transformers=__import__("transformers").__version__)
+    print_table(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "ttft_gpu" if gpu else "ttft_cpu"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.out / f"{stem}.png")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
