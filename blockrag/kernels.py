@@ -102,5 +102,4 @@ def gather_rotate(k_ptrs: Tensor, v_ptrs: Tensor, table: BlockTable, dst_k: Tens
         k_ptrs, v_ptrs, table.lengths, table.offsets, table.cos, table.sin, dst_k, dst_v, layers_heads, cap,
         D=dim, D_P2=triton.next_power_of_2(dim), HALF=half, HALF_P2=triton.next_power_of_2(half),
         REST=dim - 2 * half, REST_P2=max(1, triton.next_power_of_2(max(1, dim - 2 * half))), BLOCK_T=block_t,
-        IN_PLACE=False,
     )
