@@ -21,7 +21,7 @@ def _scratch(prefix: str) -> Path:
 @functools.cache
 def tiny_model_dir(arch: str = "llama", seed: int = 0) -> str:
     """A tiny random model + tokenizer saved like a Hub checkout, so `model=<path>` loads it for real."""
-    model, tokenizer = tiny_pipeline(arch, seed=seed)
+    model, tokenizer = tiny_pair(arch, seed)
     path = _scratch(f"blockrag-tiny-{arch}-")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -29,5 +29,16 @@ def tiny_model_dir(arch: str = "llama", seed: int = 0) -> str:
 
 
 @functools.cache
+def tiny_pair(arch: str = "llama", seed: int = 0):
+    return tiny_pipeline(arch, seed=seed)
+
+
+@functools.cache
 def tiny_engine() -> BlockEngine:
-    return BlockEngine(*tiny_pipeline("llama"))
+    """One engine shared by tests that do not count cache hits."""
+    return BlockEngine(*tiny_pair())
+
+
+def fresh_engine() -> BlockEngine:
+    """A new engine (own empty block store) over the shared tiny model."""
+    return BlockEngine(*tiny_pair())

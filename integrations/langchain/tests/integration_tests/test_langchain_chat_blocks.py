@@ -1,0 +1,124 @@
+"""ChatBlockRAG beyond the standard suite: documents as cached blocks, conversion rules, callbacks, errors."""
+
+from __future__ import annotations
+
+import pytest
+from langchain_blockrag import ChatBlockRAG, document_block, rag_messages
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_support import fresh_engine, tiny_engine
+
+from blockrag import BlockEngine, Passage
+from blockrag.errors import InvalidInputError
+
+DOCS = [
+    Document("The Calder Fell line reopened to Harrowgill in 1994.", metadata={"title": "Reopening"}),
+    Document("Skelwith Tunnel is 212 metres long."),
+]
+PASSAGES = [Passage("The Calder Fell line reopened to Harrowgill in 1994.", "Reopening"),
+            Passage("Skelwith Tunnel is 212 metres long.")]
+
+
+@pytest.fixture
+def engine() -> BlockEngine:
+    return fresh_engine()  # an empty block store per test
+
+
+def test_documents_become_cached_blocks(engine):
+    chat = ChatBlockRAG(engine=engine, max_tokens=8)
+    messages = rag_messages("When did the line reopen?", DOCS)
+    first, second = chat.invoke(messages), chat.invoke(messages)
+    context = len(engine.prefix_ids()) + sum(len(engine.block_ids(p)) for p in PASSAGES)
+    assert first.usage_metadata["input_token_details"] == {"cache_read": 0, "cache_creation": context}
+    assert second.usage_metadata["input_token_details"] == {"cache_read": context, "cache_creation": 0}
+    assert second.usage_metadata["input_tokens"] == context + len(engine.final_ids("When did the line reopen?"))
+    assert second.usage_metadata["output_tokens"] == 8
+    # the same answer as the engine's own call with the same passages
+    direct = engine.generate(PASSAGES, "When did the line reopen?", max_new_tokens=8)
+    assert first.text == second.text == direct.text
+    assert second.response_metadata["model_name"] == "LlamaForCausalLM"
+
+
+def test_block_key_in_extras_serves_a_block_rendered_differently(engine):
+    (stored,) = engine.encode([Passage("Skelwith Tunnel is 212 metres long.", "Skelwith Tunnel")])
+    doc = Document("Skelwith Tunnel is 212 metres long.", metadata={"block_key": stored.key})  # no title here
+    block = document_block(doc)
+    assert block["type"] == "text-plain" and block["extras"]["block_key"] == stored.key
+    reply = ChatBlockRAG(engine=engine, max_tokens=4).invoke(rag_messages("How long?", [doc]))
+    assert reply.usage_metadata["input_token_details"]["cache_read"] >= stored.num_tokens
+    # negative control: without the key, the untitled text is a different block, encoded now
+    other = ChatBlockRAG(engine=BlockEngine(engine.model, engine.tokenizer), max_tokens=4).invoke(
+        rag_messages("How long?", [Document(doc.page_content)]))
+    assert other.usage_metadata["input_token_details"]["cache_read"] == 0
+
+
+def test_full_mode_per_call(engine):
+    chat = ChatBlockRAG(engine=engine, max_tokens=6)
+    chat.invoke(rag_messages("When?", DOCS))
+    full = chat.invoke(rag_messages("When?", DOCS), mode="full")
+    assert full.usage_metadata["input_token_details"] == {"cache_read": 0, "cache_creation": 0}
+    assert full.response_metadata["mode"] == "full"
+
+
+def test_system_message_is_the_instruction_and_history_is_written_out():
+    engine = tiny_engine()
+    chat = ChatBlockRAG(engine=engine, max_tokens=6)
+    reply = chat.invoke([SystemMessage("Answer in one word."), HumanMessage("Where is the depot?")])
+    assert reply.text == engine.generate([], "Where is the depot?", instruction="Answer in one word.",
+                                         max_new_tokens=6).text
+    history = [HumanMessage("hello"), AIMessage("hello"), HumanMessage("how are you")]
+    assert chat.invoke(history).text == engine.generate(
+        [], "User: hello\nAssistant: hello\nUser: how are you", max_new_tokens=6).text
+
+
+def test_stop_sequence_cuts_the_answer():
+    engine = tiny_engine()
+    chat = ChatBlockRAG(engine=engine, max_tokens=24)
+    full = chat.invoke("Hello").text
+    stop = full[len(full) // 2 :][:3]
+    assert stop.strip() and stop in full
+    cut = chat.invoke("Hello", stop=[stop])
+    assert cut.text == full[: full.index(stop)] and cut.response_metadata["finish_reason"] == "stop"
+    assert ChatBlockRAG(engine=engine, max_tokens=24, stop=[stop]).invoke("Hello").text == cut.text
+
+
+class _Tokens(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs) -> None:
+        self.tokens.append(token)
+
+
+def test_streaming_field_fires_token_callbacks():
+    chat = ChatBlockRAG(engine=tiny_engine(), max_tokens=10, streaming=True)
+    handler = _Tokens()
+    reply = chat.invoke("Hello", config={"callbacks": [handler]})
+    assert handler.tokens and "".join(handler.tokens) == reply.text
+    assert reply.usage_metadata["output_tokens"] == 10
+
+
+async def test_async_stream_matches_and_can_stop_early():
+    chat = ChatBlockRAG(engine=tiny_engine(), max_tokens=10)
+    expected = chat.invoke(rag_messages("When?", DOCS)).text
+    chunks = [chunk async for chunk in chat.astream(rag_messages("When?", DOCS))]
+    assert "".join(c.text for c in chunks) == expected
+    assert chunks[-1].chunk_position == "last" and chunks[-1].usage_metadata["input_tokens"] > 0
+    async for _ in chat.astream("Hello"):
+        break
+    assert (await chat.ainvoke("Hello")).text
+
+
+def test_refuses_what_it_cannot_read():
+    chat = ChatBlockRAG(engine=tiny_engine())
+    with pytest.raises(InvalidInputError, match="image"):
+        chat.invoke([HumanMessage([{"type": "image", "url": "https://example.org/x.png"}, "What is this?"])])
+    with pytest.raises(InvalidInputError, match="inline 'text'"):
+        chat.invoke([HumanMessage([{"type": "text-plain", "mime_type": "text/plain", "url": "https://x"}, "q"])])
+    with pytest.raises(InvalidInputError, match="non-system"):
+        chat.invoke([SystemMessage("Only a system prompt.")])
+    with pytest.raises(InvalidInputError, match="call arguments"):
+        chat.invoke("Hello", max_new_tokens=5)
+    with pytest.raises(InvalidInputError, match="neither"):
+        ChatBlockRAG()
