@@ -139,10 +139,10 @@ def assemble_cache(
 
 
 def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callable[[], None]]:
-    """Start layer-by-layer host->device copies on a side stream; return per-layer 'ready' hooks.
+    """Start host->device copies, layer group by layer group, on a side stream; return per-layer 'ready' hooks.
 
-    Each block is copied into a device staging tensor, one layer at a time, so every copy is one
-    contiguous memcpy; layer l's hook waits for its copy, then gathers and rotates on the compute stream.
+    Each block is copied into a device staging tensor of its own shape, so every copy is one contiguous
+    memcpy; layer l's hook waits for its group's copy, then gathers and rotates on the compute stream.
     """
     from blockrag.kernels import block_table, pointers
 
@@ -158,16 +158,19 @@ def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callabl
     layers = keys.shape[0]
     k_ptrs = pointers([[sk[layer] for sk in staged_k] for layer in range(layers)], device)  # (L, nb)
     v_ptrs = pointers([[sv[layer] for sv in staged_v] for layer in range(layers)], device)
+    # NOTE: copies go in groups of layers: one memcpy per block and group keeps the host's issue time well
+    # under the transfer time, and a layer still starts as soon as its group has landed.
+    group = max(1, layers // 8)
     events = []
     with torch.cuda.stream(side):
-        for layer in range(layers):
+        for first in range(0, layers, group):
+            last = min(layers, first + group)
             for block, sk, sv in zip(blocks, staged_k, staged_v):
-                sk[layer].copy_(block.keys[layer], non_blocking=True)
-                sv[layer].copy_(block.values[layer], non_blocking=True)
+                sk[first:last].copy_(block.keys[first:last], non_blocking=True)
+                sv[first:last].copy_(block.values[first:last], non_blocking=True)
             event = torch.cuda.Event()
             event.record(side)
-            events.append(event)
-
+            events += [event] * (last - first)
     return [_LayerFromHost(events[layer], (staged_k, staged_v), k_ptrs[layer], v_ptrs[layer], table, keys[layer],
                            values[layer]) for layer in range(layers)]
 

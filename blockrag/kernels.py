@@ -69,16 +69,15 @@ class BlockTable(NamedTuple):
 
 
 def _upload(values, dtype, device) -> Tensor:
-    # NOTE: pinned + non_blocking, so building a table never stalls the host behind queued GPU work.
-    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    # NOTE: a plain small copy; pinning a fresh host buffer per request costs more than the copy.
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def block_table(lengths: Sequence[int], offsets: Sequence[int], deltas: Sequence[int], inv_freq: Tensor,
                 device) -> BlockTable:
     angles = torch.tensor(list(deltas), dtype=torch.float64)[:, None] * inv_freq.double()[None, :]
     return BlockTable(_upload(list(lengths), torch.int64, device), _upload(list(offsets), torch.int64, device),
-                      angles.cos().float().pin_memory().to(device, non_blocking=True),
-                      angles.sin().float().pin_memory().to(device, non_blocking=True), max(lengths))
+                      angles.cos().float().to(device), angles.sin().float().to(device), max(lengths))
 
 
 def pointers(tensors: Sequence[Sequence[Tensor]], device) -> Tensor:
