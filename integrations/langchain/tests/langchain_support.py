@@ -42,3 +42,25 @@ def tiny_engine() -> BlockEngine:
 def fresh_engine() -> BlockEngine:
     """A new engine (own empty block store) over the shared tiny model."""
     return BlockEngine(*tiny_pair())
+
+
+@functools.cache
+def embedder():
+    """The real default embedder (all-MiniLM-L6-v2 from its PyPI package), loaded once."""
+    from blockrag.index import Embedder
+
+    return Embedder()
+
+
+SAMPLE_DOCS = Path(__file__).resolve().parents[3] / "examples" / "data" / "calder_fell"
+
+
+@functools.cache
+def sample_knowledge_base():
+    """A knowledge base over the project's sample documents, on the shared tiny engine (kept open)."""
+    from blockrag.index import KnowledgeBase
+
+    kb = KnowledgeBase.create(_scratch("blockrag-kb-") / "kb", tiny_engine(), embedder=embedder())
+    kb.add_paths([SAMPLE_DOCS])
+    atexit.register(kb.close)
+    return kb

@@ -1,0 +1,21 @@
+"""langchain-tests' RetrieversIntegrationTests over a knowledge base of the project's sample documents."""
+
+from __future__ import annotations
+
+from langchain_blockrag import BlockRAGRetriever
+from langchain_support import sample_knowledge_base
+from langchain_tests.integration_tests import RetrieversIntegrationTests
+
+
+class TestBlockRAGRetrieverStandard(RetrieversIntegrationTests):
+    @property
+    def retriever_constructor(self) -> type[BlockRAGRetriever]:
+        return BlockRAGRetriever
+
+    @property
+    def retriever_constructor_params(self) -> dict:
+        return {"knowledge_base": sample_knowledge_base(), "k": 2}
+
+    @property
+    def retriever_query_example(self) -> str:
+        return "When did trains run all the way to Harrowgill again?"
