@@ -63,3 +63,27 @@ def stop_recording(log: EventLog) -> None:
     handlers = get_dispatcher().event_handlers
     if log in handlers:
         handlers.remove(log)
+
+
+@functools.cache
+def embedder():
+    """The real default embedder (all-MiniLM-L6-v2 from its PyPI package), loaded once."""
+    from blockrag.index import Embedder
+
+    return Embedder()
+
+
+SAMPLE_DOCS = Path(__file__).resolve().parents[3] / "examples" / "data" / "calder_fell"
+
+
+@functools.cache
+def sample_knowledge_base():
+    """A knowledge base over the project's sample documents on its own tiny engine (kept open)."""
+    from blockrag.index import KnowledgeBase
+
+    folder = Path(tempfile.mkdtemp(prefix="blockrag-kb-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    kb = KnowledgeBase.create(folder / "kb", tiny_engine(), embedder=embedder())
+    kb.add_paths([SAMPLE_DOCS])
+    atexit.register(kb.close)
+    return kb
