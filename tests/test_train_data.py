@@ -185,3 +185,12 @@ def test_importing_blockrag_imports_neither_training_code_nor_peft():
     code = "import sys, blockrag; print(sorted(m for m in sys.modules if m.startswith(('peft', 'blockrag.train'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_batched_rendering_equals_rendering_one_record_at_a_time(make_engine):
+    from blockrag.train.data import render_many
+
+    engine = make_engine("llama")
+    records = [RAG, CHAT_MULTI, CHAT_SINGLE, RAG]
+    assert render_many(records, engine.template, engine.tokenizer) == [
+        render(r, engine.template, engine.tokenizer) for r in records]

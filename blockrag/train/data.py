@@ -261,39 +261,67 @@ def chat_blocks(record: ChatRecord, max_blocks: int = MAX_BLOCKS) -> tuple[str |
 # --- rendering to ids ------------------------------------------------------------------------------
 
 
-def render(record: Record, template: BlockTemplate, tokenizer, *, max_blocks: int = MAX_BLOCKS) -> Sample:
-    """Token ids of a record, block by block, by the rules BlockEngine uses at inference."""
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise DataError("expected a tokenizer with an EOS token (the response must end with it), found none")
+@dataclass(frozen=True)
+class BlockTexts:
+    """The text of every block of a record, rendered by the template, and the response text."""
+
+    prefix: str  # block 0; empty when the template's prefix renders empty (then there is no block 0)
+    passages: tuple[str, ...]
+    final: str
+    response: str
+
+
+def block_texts(record: Record, template: BlockTemplate, *, max_blocks: int = MAX_BLOCKS) -> BlockTexts:
     if isinstance(record, RAGRecord):
         instruction, passages, final, response = record.instruction, record.passages, record.question, record.answer
     else:
         instruction, chunks, final, response = chat_blocks(record, max_blocks)
         passages = tuple(Passage(c) for c in chunks)
-    blocks = []
-    prefix = template.render_prefix(instruction)
-    if prefix:  # NOTE: the engine drops an empty block 0 too.
-        blocks.append(tuple(template.tokenize(tokenizer, prefix, first=True)))
-    for passage in passages:
-        if passage.text.strip():  # NOTE: the engine skips empty passages (with a warning).
-            blocks.append(tuple(template.tokenize(tokenizer, template.render_passage(passage))))
-    final_ids = tuple(template.tokenize(tokenizer, template.render_final(final)))
-    answer_ids = tuple(tokenizer(response, add_special_tokens=False)["input_ids"])
-    return Sample(blocks=tuple(blocks), final=final_ids, response=answer_ids + (eos,))
+    # NOTE: the engine skips empty passages (with a warning) and drops an empty block 0; so do we.
+    return BlockTexts(prefix=template.render_prefix(instruction),
+                      passages=tuple(template.render_passage(p) for p in passages if p.text.strip()),
+                      final=template.render_final(final), response=response)
+
+
+def render_many(records: Sequence[Record], template: BlockTemplate, tokenizer, *,
+                max_blocks: int = MAX_BLOCKS) -> list[Sample]:
+    """Token ids of records, block by block, by the rules BlockEngine uses at inference.
+
+    Block 0 goes through ``template.tokenize(..., first=True)`` (the BOS rule); every other block, like
+    ``template.tokenize`` without ``first``, is the tokenizer's ids of that block's text alone, without special
+    tokens. Those are computed in one batched tokenizer call, which gives the same ids as one call per block.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise DataError("expected a tokenizer with an EOS token (the response must end with it), found none")
+    plans = [block_texts(r, template, max_blocks=max_blocks) for r in records]
+    texts = [t for plan in plans for t in (*plan.passages, plan.final, plan.response)]
+    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    prefixes: dict[str, tuple[int, ...]] = {}
+    samples = []
+    for plan in plans:
+        blocks = []
+        if plan.prefix:
+            if plan.prefix not in prefixes:
+                prefixes[plan.prefix] = tuple(template.tokenize(tokenizer, plan.prefix, first=True))
+            blocks.append(prefixes[plan.prefix])
+        blocks.extend(tuple(next(ids)) for _ in plan.passages)
+        final, response = tuple(next(ids)), tuple(next(ids))
+        samples.append(Sample(blocks=tuple(blocks), final=final, response=response + (eos,)))
+    return samples
+
+
+def render(record: Record, template: BlockTemplate, tokenizer, *, max_blocks: int = MAX_BLOCKS) -> Sample:
+    """Token ids of one record (see ``render_many``)."""
+    return render_many([record], template, tokenizer, max_blocks=max_blocks)[0]
 
 
 def render_all(records: Iterable[Record], template: BlockTemplate, tokenizer, *, max_length: int | None = None,
                max_blocks: int = MAX_BLOCKS) -> tuple[list[Sample], int]:
     """Samples of records, dropping those longer than max_length tokens; returns (samples, dropped)."""
-    samples, dropped = [], 0
-    for record in records:
-        sample = render(record, template, tokenizer, max_blocks=max_blocks)
-        if max_length is not None and sample.num_tokens > max_length:
-            dropped += 1
-            continue
-        samples.append(sample)
-    return samples, dropped
+    samples = render_many(list(records), template, tokenizer, max_blocks=max_blocks)
+    kept = [s for s in samples if max_length is None or s.num_tokens <= max_length]
+    return kept, len(samples) - len(kept)
 
 
 # --- templates as files (saved next to a trained model) --------------------------------------------

@@ -33,7 +33,7 @@ from torch import nn
 
 from blockrag.template import BlockTemplate, Passage
 from blockrag.train.collator import BlockCollator, CopyMode
-from blockrag.train.data import RAGRecord, Sample, render
+from blockrag.train.data import RAGRecord, Sample, render, render_many
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "city": ("paris", "rome", "oslo", "lima", "cairo", "delhi", "tokyo", "quito", "dakar", "hanoi", "perth",
@@ -216,13 +216,19 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> Sample:
+    def record(self, index: int) -> RAGRecord:
         passages = None
         if self.curriculum is not None:
             rng = random.Random(f"curriculum:{self.task.config.seed}:{index}")
             passages = self.curriculum.passages(index / self.size, rng, self.task.config.passages)
-        example = self.task.example(self.split, self.offset + index, passages)
-        return render(example.record(), self.template, self.tokenizer)
+        return self.task.example(self.split, self.offset + index, passages).record()
+
+    def __getitem__(self, index: int) -> Sample:
+        return render(self.record(index), self.template, self.tokenizer)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
+        """A whole batch at once (the DataLoader uses this): one batched tokenizer call."""
+        return render_many([self.record(i) for i in indices], self.template, self.tokenizer)
 
 
 def llama_config(vocab_size: int, hidden: int = 256, layers: int = 4, heads: int = 4, max_positions: int = 512,
