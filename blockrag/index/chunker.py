@@ -143,10 +143,21 @@ def _spans(text: str, tokenizer, max_tokens: int, overlap: int):
                 break
             j = _cut(text, ends, boundary, i, i + max_tokens)
             yield int(starts[i]), int(ends[j - 1])
-            nxt = max(j - overlap, i + 1)
-            while nxt < j and not boundary[nxt]:
-                nxt += 1
-            i = nxt
+            i = _next_start(text, starts, boundary, max(j - overlap, i + 1), j)
+
+
+def _next_start(text: str, starts: np.ndarray, boundary: np.ndarray, lo: int, hi: int) -> int:
+    """First token in [lo, hi) that starts a word (else a character), so an overlap never begins mid-word."""
+    first_char = -1
+    for k in range(lo, hi):
+        if not boundary[k]:
+            continue
+        pos = int(starts[k])
+        if pos == 0 or text[pos].isspace() or text[pos - 1].isspace():
+            return k
+        if first_char < 0:
+            first_char = k
+    return first_char if first_char >= 0 else hi
 
 
 def _cut(text: str, ends: np.ndarray, boundary: np.ndarray, i: int, j: int) -> int:

@@ -297,6 +297,24 @@ class KnowledgeBase:
             kb._attach(engine, on_mismatch)
         return kb
 
+    @classmethod
+    def info(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """Manifest and recorded model of a knowledge base, without loading any model.
+
+        Raises:
+            NotAKnowledgeBaseError: no knowledge base at path.
+        """
+        path = Path(path)
+        manifest = cls._read_manifest(path)
+        docstore = Docstore(path / DOCSTORE)
+        try:
+            meta = docstore.meta()
+        finally:
+            docstore.close()
+        model = {"name": meta.get("model"), "fingerprint": meta.get("fingerprint"), "template": meta.get("template"),
+                 "template_version": meta.get("template_version")}
+        return {"manifest": manifest, "model": model}
+
     @staticmethod
     def _read_manifest(path: Path) -> dict[str, Any]:
         if not path.is_dir():
@@ -526,7 +544,7 @@ class KnowledgeBase:
             self._save_index()
         report.seconds = time.perf_counter() - start
         for line in report.warnings:
-            logger.warning(line)
+            logger.info(line)
         return report
 
     def _prepare(self, doc: Document, report: IngestReport, hashes: dict[str, str]) -> _Pending | None:

