@@ -41,11 +41,20 @@ def _attend(query: Tensor, key: Tensor, value: Tensor, scale: float, causal: boo
     return ((scores - lse[..., None]).exp() @ value.float()).to(query.dtype), lse
 
 
-def merge_partials(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Combine attention over disjoint key sets. outs (..., Lq, D), lses (..., Lq) -> (out, lse)."""
-    lse = torch.stack(lses).logsumexp(0)
-    out = sum((part - lse).exp()[..., None] * o.float() for o, part in zip(outs, lses))
-    return out.to(outs[0].dtype), lse
+def merge_partials(outs: Tensor, lses: Tensor) -> Tensor:
+    """Combine attention over disjoint key sets.
+
+    Args:
+        outs: (P, ..., Lq, D) partial outputs, each normalised over its own keys.
+        lses: (P, ..., Lq) float32 log-sum-exp of each part's scores.
+
+    Returns:
+        (..., Lq, D) in the dtype of outs.
+    """
+    # NOTE: max/exp/sum by hand: a handful of kernels, where torch.logsumexp launches many more.
+    weights = (lses - lses.amax(0)).exp()
+    out = (weights[..., None] * outs.float()).sum(0) / weights.sum(0)[..., None]
+    return out.to(outs.dtype)
 
 
 def _context_chunks(length: int, device: torch.device, target: int = 4096) -> int:
@@ -55,30 +64,30 @@ def _context_chunks(length: int, device: torch.device, target: int = 4096) -> in
     return length // target
 
 
-def _attend_context(query: Tensor, key: Tensor, value: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Unmasked attention over the context, split along keys into chunks on the batch dimension.
+def _attend_context(query: Tensor, key: Tensor, value: Tensor, scale: float) -> tuple[list[Tensor], list[Tensor]]:
+    """Unmasked attention over the context, split along keys into chunks laid on the batch dimension.
 
     query (1, H, Lq, D); key/value (1, H, N, D) with unit stride in D.
+    Returns partial outputs (P_i, H, Lq, D) and their lse (P_i, H, Lq), to be merged.
     """
     _, heads, rows, dim = query.shape
     n = key.shape[2]
     chunks = _context_chunks(n, query.device)
     if chunks == 1:
-        return _attend(query, key, value, scale, causal=False)
+        out, lse = _attend(query, key, value, scale, causal=False)
+        return [out], [lse]
     size = n // chunks
     main = chunks * size
     # (1, H, chunks*size, D) -> (chunks, H, size, D) as a strided view: no copy of the context.
     k = key[0, :, :main].unflatten(1, (chunks, size)).transpose(0, 1)
     v = value[0, :, :main].unflatten(1, (chunks, size)).transpose(0, 1)
-    q = query.expand(chunks, heads, rows, dim)
-    out, lse = _attend(q, k, v, scale, causal=False)
-    outs, lses = list(out.unbind(0)), list(lse.unbind(0))
+    out, lse = _attend(query.expand(chunks, heads, rows, dim), k, v, scale, causal=False)
+    outs, lses = [out], [lse]
     if main < n:
         rest_out, rest_lse = _attend(query, key[:, :, main:], value[:, :, main:], scale, causal=False)
-        outs.append(rest_out[0])
-        lses.append(rest_lse[0])
-    out, lse = merge_partials(outs, lses)
-    return out[None], lse[None]
+        outs.append(rest_out)
+        lses.append(rest_lse)
+    return outs, lses
 
 
 def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
@@ -99,14 +108,13 @@ def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: floa
     if q_len == 1 or context == 0:
         return F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scale, enable_gqa=True)
     folded = query.reshape(batch, kv_heads, groups * q_len, dim)  # heads of one KV group become rows
-    ctx_out, ctx_lse = _attend_context(folded, key[:, :, :context], value[:, :, :context], scale)
-    ctx_out = ctx_out.reshape(batch, q_heads, q_len, dim)
-    ctx_lse = ctx_lse.reshape(batch, q_heads, q_len)
+    outs, lses = _attend_context(folded, key[:, :, :context], value[:, :, :context], scale)
+    outs = [o.reshape(-1, q_heads, q_len, dim) for o in outs]
+    lses = [lse.reshape(-1, q_heads, q_len) for lse in lses]
     tail_k = key[:, :, context:].repeat_interleave(groups, dim=1)
     tail_v = value[:, :, context:].repeat_interleave(groups, dim=1)
     tail_out, tail_lse = _attend(query, tail_k, tail_v, scale, causal=True)
-    out, _ = merge_partials([ctx_out, tail_out], [ctx_lse, tail_lse])
-    return out
+    return merge_partials(torch.cat([*outs, tail_out]), torch.cat([*lses, tail_lse]))[None]
 
 
 def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
