@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 from blockrag import BlockEngine
 
@@ -41,14 +43,44 @@ def load_engine(model: str) -> BlockEngine:
               "caching and timings are real.")
         return _tiny_engine()
     try:
-        engine = BlockEngine.from_pretrained(model)
-    except OSError as error:  # transformers raises OSError when the Hub is unreachable or the name is unknown
+        engine = BlockEngine.from_pretrained(_local_or_hub(model))
+    except OSError as error:  # what transformers and huggingface_hub raise for unreachable or unknown models
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"[model] could not load {model!r} ({reason}).\n[model] The Hub may be unreachable from here. "
-              "Falling back to a tiny random model: its answers are noise; retrieval, caching and timings are real.")
+        print(f"[model] could not load {model!r}: {reason}\n[model] Falling back to a tiny random model: its "
+              "answers are noise; retrieval, caching and timings are real.")
         return _tiny_engine()
     print(f"[model] {model} on {engine.device} ({engine.dtype})")
     return engine
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # NOTE: behind a proxy a direct connection proves nothing; let the download decide.
+    try:
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def _local_or_hub(model: str) -> str:
+    """`model` itself when it is a folder or the Hub answers; else its copy in the local Hub cache.
+
+    Without this, an unreachable Hub costs a minute of download retries before the error.
+    """
+    if Path(model).exists() or _hub_reachable():
+        return model
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, local_files_only=True)
+    except (OSError, ValueError) as error:  # not in the cache, or not a valid repo id
+        raise OSError(f"the Hub is unreachable from here and {model!r} is not in the local cache "
+                      f"({type(error).__name__})") from error
 
 
 def _tiny_engine() -> BlockEngine:
@@ -74,6 +106,11 @@ def knowledge_base(folder: str | None, engine: BlockEngine) -> Iterator:
             print(f"[kb] created {folder} from {len(list(DATA_DIR.glob('*.md')))} documents in {DATA_DIR.name}/")
         stack.callback(kb.close)
         yield kb
+
+
+def describe_kb(stats: dict) -> str:
+    return (f"[kb] {stats['documents']} documents, {stats['passages']} passages, {stats['kv_blocks']} KV blocks "
+            f"({stats['kv_bytes'] / 1e6:.1f} MB, {stats['kv_dtype']}) for model {stats['model']['name']}")
 
 
 def describe_usage(usage) -> str:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import sys
 
-from _common import QUESTIONS, describe_source, describe_usage, knowledge_base, load_engine, parser
+from _common import QUESTIONS, describe_kb, describe_source, describe_usage, knowledge_base, load_engine, parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
     engine = load_engine(args.model)
     with knowledge_base(args.kb, engine) as kb:
-        print(f"[kb] {kb.stats()}")
+        print(describe_kb(kb.stats()))
         for question in QUESTIONS:
             answer = kb.ask(question, k=args.k, max_new_tokens=args.max_tokens)
             print(f"\nQ: {question}\nA: {answer.text.strip()}")
