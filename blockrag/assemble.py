@@ -7,8 +7,9 @@ tokens to be generated, so neither the prefill nor decoding re-concatenates the 
 Three ways to fill the buffer, same result:
 * eager (CPU, or no triton): rotate each block with ``rope.rotate_keys`` and copy it in;
 * device-resident blocks on CUDA: one Triton pass gathers all blocks and rotates keys on the way;
-* host-resident blocks on CUDA (pinned memory): layer l+1 is copied on a side stream while layer l
-  computes; each layer's keys are rotated in place on the GPU right before its first use.
+* host-resident blocks on CUDA (pinned memory; device-resident ones may be mixed in): copies run on a
+  side stream, group of layers by group, while earlier layers compute; each layer is gathered and rotated
+  on the GPU right before its first use.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def fast_path(blocks: Sequence[KVBlock], device: torch.device) -> str:
         return "eager"
     if all(b.device == device for b in blocks):
         return "gpu"
-    if all(b.device.type == "cpu" for b in blocks):
-        return "host"
+    if all(b.device == device or b.device.type == "cpu" for b in blocks):
+        return "host"  # host blocks are copied in; blocks already on the device are read in place
     return "eager"
 
 
@@ -150,10 +151,15 @@ def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callabl
     compute = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(compute)  # the buffers were allocated on the compute stream
-    staged_k = [torch.empty(b.keys.shape, dtype=b.dtype, device=device) for b in blocks]
-    staged_v = [torch.empty(b.values.shape, dtype=b.dtype, device=device) for b in blocks]
-    for staged in (*staged_k, *staged_v):
-        staged.record_stream(side)  # written on the side stream: not reusable before those copies finish
+    on_host = [b.device.type == "cpu" for b in blocks]
+    staged_k = [torch.empty(b.keys.shape, dtype=b.dtype, device=device) if h else b.keys
+                for b, h in zip(blocks, on_host)]
+    staged_v = [torch.empty(b.values.shape, dtype=b.dtype, device=device) if h else b.values
+                for b, h in zip(blocks, on_host)]
+    for sk, sv, h in zip(staged_k, staged_v, on_host):
+        if h:  # written on the side stream: not reusable before those copies finish
+            sk.record_stream(side)
+            sv.record_stream(side)
     table = block_table([b.num_tokens for b in blocks], offsets, deltas, rope.inv_freq, device)
     layers = keys.shape[0]
     k_ptrs = pointers([[sk[layer] for sk in staged_k] for layer in range(layers)], device)  # (L, nb)
@@ -165,9 +171,10 @@ def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callabl
     with torch.cuda.stream(side):
         for first in range(0, layers, group):
             last = min(layers, first + group)
-            for block, sk, sv in zip(blocks, staged_k, staged_v):
-                sk[first:last].copy_(block.keys[first:last], non_blocking=True)
-                sv[first:last].copy_(block.values[first:last], non_blocking=True)
+            for block, sk, sv, h in zip(blocks, staged_k, staged_v, on_host):
+                if h:
+                    sk[first:last].copy_(block.keys[first:last], non_blocking=True)
+                    sv[first:last].copy_(block.values[first:last], non_blocking=True)
             event = torch.cuda.Event()
             event.record(side)
             events += [event] * (last - first)
