@@ -93,7 +93,10 @@ def test_engine_fast_path_matches_reference_on_gpu(dtype, tokenizer):
     torch.testing.assert_close(b.logits, ref, atol=tol, rtol=0)
     host = [dataclasses.replace(x, keys=x.keys.cpu().pin_memory(), values=x.values.cpu().pin_memory())
             for x in fast.encode(passages)]
-    c = fast.prefill(host, "Which passage?")
+    from blockrag.assemble import fast_path
+
+    assert fast_path([fast.encode(["device-resident prefix"])[0], *host], CUDA) == "host"
+    c = fast.prefill(host, "Which passage?")  # the cached block 0 is on the GPU, passages on the host
     torch.testing.assert_close(c.logits, a.logits, atol=tol, rtol=0)
     if dtype == torch.float32:
         assert fast.generate(passages, "Which?", max_new_tokens=12).token_ids == \
