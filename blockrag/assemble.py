@@ -79,15 +79,26 @@ def _triton_available() -> bool:
     return True
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Equal devices, treating "cuda" and "cuda:<current>" as the same."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or (a.index is not None and b.index is not None):
+        return a == b
+    return (a.index if a.index is not None else torch.cuda.current_device()) == (
+        b.index if b.index is not None else torch.cuda.current_device())
+
+
 def fast_path(blocks: Sequence[KVBlock], device: torch.device) -> str:
     """Which fill applies: "gpu" (device-resident, Triton), "host" (pinned CPU -> CUDA, pipelined) or "eager"."""
     if device.type != "cuda" or not _triton_available():
         return "eager"
     if any(b.keys.shape[-1] != b.values.shape[-1] or not b.keys.is_contiguous() for b in blocks):
         return "eager"
-    if all(b.device == device for b in blocks):
+    if all(same_device(b.device, device) for b in blocks):
         return "gpu"
-    if all(b.device == device or b.device.type == "cpu" for b in blocks):
+    if all(same_device(b.device, device) or b.device.type == "cpu" for b in blocks):
         return "host"  # host blocks are copied in; blocks already on the device are read in place
     return "eager"
 

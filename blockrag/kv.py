@@ -124,7 +124,9 @@ def check_block(block: KVBlock, fingerprint: str, dtype: torch.dtype, device: to
         )
     if block.dtype != dtype:
         raise KVBlockMismatchError(f"KVBlock {block.key[:12]} has dtype {block.dtype}, engine expects {dtype}")
-    if block.device.type != "cpu" and block.device != device:
+    from blockrag.assemble import same_device
+
+    if block.device.type != "cpu" and not same_device(block.device, device):
         raise KVBlockMismatchError(
             f"KVBlock {block.key[:12]} is on device {block.device}, engine runs on {device}; "
             "move it with block.to(device) or keep stored blocks on the CPU"
