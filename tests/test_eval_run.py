@@ -135,9 +135,10 @@ def test_blocks_shared_across_questions_are_encoded_once(make_engine, tmp_path):
     engine = make_engine("llama")
     shared = [Passage("The Harwick line opened in 1887 with four halts.", "Harwick"),
               Passage("Its depot at Marsh End stores four carriages.", "Depot")]
-    own = [Passage(f"Halt number {i} has a {c} signal lamp.", f"Halt {i}") for i, c in enumerate(("red", "blue", "green"))]
+    colours = ("red", "blue", "green")
+    own = [Passage(f"Halt number {i} has a {c} signal lamp.", f"Halt {i}") for i, c in enumerate(colours)]
     examples = [EvalExample(f"q{i}", f"Which lamp is at halt {i}?", (c,), (shared[0], own[i], shared[1]))
-                for i, c in enumerate(("red", "blue", "green"))]
+                for i, c in enumerate(colours)]
     data = Dataset("shared", "jsonl", examples, digest="shared-v1")
     tokens = {p: len(engine.block_ids(p)) for p in shared + own}
     blocks_before = len(engine.store)
