@@ -120,6 +120,12 @@ def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: floa
 def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float = 0.0,
                       scaling: float | None = None, **kwargs):
     """transformers attention-interface entry point. Returns ((B, q, Hq, D), None)."""
+    graph_state = kwargs.get("blockrag_graph")
+    if graph_state is not None:  # inside a captured final-block forward (blockrag.graphs)
+        from blockrag.graphs import graph_attention
+
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return graph_attention(query, key, value, scale, graph_state).transpose(1, 2).contiguous(), None
     if query.shape[0] != 1 or dropout or key.shape[-1] != value.shape[-1]:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from blockrag.assemble import assemble_cache
+from blockrag.assemble import assemble_cache, fast_path
 from blockrag.decode import SamplingParams, TextAccumulator, make_generator, select_token
 from blockrag.encoder import BlockEncoder
 from blockrag.errors import InvalidInputError, PromptTooLongError, UnsupportedModelError
@@ -137,6 +137,10 @@ class GenerationStream:
         return self._holder[0]
 
 
+def _nothing() -> None:
+    pass
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -158,11 +162,14 @@ class BlockEngine:
             attention is restored after every call.
         assemble_path: force how cached blocks are assembled ("eager", "gpu", "host"); None picks the
             fastest that applies (see ``blockrag.assemble.fast_path``). For benchmarks and debugging.
+        cuda_graphs: most context tokens for CUDA-graph replay of the final-block prefill (see
+            ``blockrag.graphs``); reserves a static KV buffer of that size on the GPU. None: off.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, template: str | BlockTemplate = "chat",
                  store: KVStore | None = None, token_budget: int = 8192, verify_rope: bool = True,
-                 fast_attention: bool | None = None, assemble_path: str | None = None) -> None:
+                 fast_attention: bool | None = None, assemble_path: str | None = None,
+                 cuda_graphs: int | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.rope: RopeSpec = rope_spec(model)
@@ -183,6 +190,15 @@ class BlockEngine:
             self._attention_name = register()
         if verify_rope:
             self._verify_rope()
+        self.graphs = None
+        if cuda_graphs:
+            if not (fast_attention and self.device.type == "cuda"):
+                raise InvalidInputError(
+                    f"expected a 16-bit model on CUDA with fast_attention for cuda_graphs, found {self.dtype} on "
+                    f"{self.device} (fast_attention={fast_attention})")
+            from blockrag.graphs import FinalBlockGraphs
+
+            self.graphs = FinalBlockGraphs(model, cuda_graphs)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device: str | torch.device | None = None,
@@ -318,7 +334,8 @@ class BlockEngine:
             mode: "block" (cached context blocks, final block prefilled) or "full" (one causal prefill).
             reencode: block mode only; False keeps every block at its own positions 0..T-1 (ablation).
         """
-        result, _, _ = self._prefill(passages, question, instruction, mode, reencode, 0)
+        result, _, (_, _, _, release) = self._prefill(passages, question, instruction, mode, reencode, 0)
+        release()
         return result
 
     @torch.inference_mode()
@@ -334,23 +351,29 @@ class BlockEngine:
         if mode == "block":
             blocks, cached = self._context_blocks(prompt)
             infos = [BlockInfo(b.key, b.token_ids, c) for b, c in zip(blocks, cached)]
-            if blocks:
+            feed = prompt.final_ids
+            graphed = self._graph_prefill(blocks, feed, reencode)
+            if graphed is not None:
+                logits, cache, release = graphed
+                next_pos = sum(b.num_tokens for b in blocks)
+            elif blocks:
                 cache, next_pos = assemble_cache(blocks, self.rope, self.model.config, device, reencode=reencode,
                                                  capacity=len(prompt.final_ids) + new_tokens,
                                                  path=self.assemble_path)
             else:
                 cache, next_pos = None, 0
-            feed = prompt.final_ids
             cached_tokens = sum(b.num_tokens for b, c in zip(blocks, cached) if c)
             encoded_tokens = sum(b.num_tokens for b, c in zip(blocks, cached) if not c)
         else:
-            cache, next_pos, feed = None, 0, input_ids
+            cache, next_pos, feed, graphed = None, 0, input_ids, None
             cached_tokens = encoded_tokens = 0
         positions = torch.arange(next_pos, next_pos + len(feed), device=device)
-        with self._attention():
-            out = self.model(input_ids=torch.tensor([feed], device=device), position_ids=positions[None],
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[0, -1].float()
+        if graphed is None:
+            release = _nothing
+            with self._attention():
+                out = self.model(input_ids=torch.tensor([feed], device=device), position_ids=positions[None],
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits, cache = out.logits[0, -1].float(), out.past_key_values
         _sync(device)
         usage = Usage(cached_tokens=cached_tokens, encoded_tokens=encoded_tokens, prefilled_tokens=len(feed),
                       ttft_s=time.perf_counter() - start)
@@ -363,7 +386,25 @@ class BlockEngine:
             position_ids=tuple(context_positions + positions.tolist()), blocks=tuple(infos), usage=usage,
             warnings=tuple(prompt.warnings),
         )
-        return result, out.past_key_values, (logits, next_pos + len(feed), start)
+        return result, cache, (logits, next_pos + len(feed), start, release)
+
+    def _graph_prefill(self, blocks: list[KVBlock], final_ids: list[int], reencode: bool):
+        """(logits, cache, release) from a CUDA-graph replay, or None where the eager path applies.
+
+        The static buffer serves one request at a time: ``release`` frees it once decoding is done.
+        """
+        if self.graphs is None or not blocks or fast_path(blocks, self.device) != "gpu":
+            return None
+        bucket = self.graphs.bucket(sum(b.num_tokens for b in blocks), len(final_ids))
+        if bucket is None or not self.graphs.lock.acquire(blocking=False):
+            return None
+        try:
+            with self._attention():
+                logits, cache = self.graphs.prefill(blocks, final_ids, self.rope, reencode, bucket)
+        except BaseException:
+            self.graphs.lock.release()
+            raise
+        return logits, cache, self.graphs.lock.release
 
     def _context_blocks(self, prompt: _Prompt) -> tuple[list[KVBlock], list[bool]]:
         todo = [i for i, (_, _, given) in enumerate(prompt.context) if given is None]
@@ -403,8 +444,15 @@ class BlockEngine:
 
     def _run(self, passages, question, instruction, mode, reencode, params: SamplingParams,
              holder: list[Generation]) -> Iterator[str]:
-        prefill, cache, (logits, position, start) = self._prefill(passages, question, instruction, mode, reencode,
-                                                                  params.max_new_tokens)
+        prefill, cache, (logits, position, start, release) = self._prefill(passages, question, instruction, mode,
+                                                                           reencode, params.max_new_tokens)
+        try:
+            yield from self._decode(prefill, cache, logits, position, start, params, holder)
+        finally:
+            release()
+
+    def _decode(self, prefill: PrefillResult, cache, logits, position: int, start: float, params: SamplingParams,
+                holder: list[Generation]) -> Iterator[str]:
         device = self.device
         generator = make_generator(params.seed, device)
         text = TextAccumulator(self.tokenizer, params.stop)

@@ -101,3 +101,32 @@ def test_engine_fast_path_matches_reference_on_gpu(dtype, tokenizer):
     if dtype == torch.float32:
         assert fast.generate(passages, "Which?", max_new_tokens=12).token_ids == \
             slow.generate(passages, "Which?", max_new_tokens=12).token_ids
+
+
+def test_cuda_graph_prefill_matches_the_eager_fast_path(tokenizer):
+    from blockrag import BlockEngine
+    from blockrag.graphs import FinalBlockGraphs
+    from blockrag.testing import tiny_model
+
+    model = tiny_model("qwen3", vocab_size=len(tokenizer), dtype=torch.bfloat16).to(CUDA)
+    eager = BlockEngine(model, tokenizer, fast_attention=True)
+    graphed = BlockEngine(model, tokenizer, fast_attention=True)
+    graphed.graphs = FinalBlockGraphs(model, max_context=1024, chunk=64)  # small chunks: many of them in play
+    passages = [f"Passage {i} is about caches and rotary embeddings, number {i}." * (1 + i % 4) for i in range(16)]
+    for count in (1, 5, 16):  # different context lengths replay the same captured graph
+        for question in ("Which?", "Which passage talks about number seven, and why?"):
+            a = graphed.prefill(passages[:count], question)
+            b = eager.prefill(passages[:count], question)
+            tol = 3e-2 * b.logits.abs().max().item()
+            torch.testing.assert_close(a.logits, b.logits, atol=tol, rtol=0)
+    assert set(graphed.graphs._graphs) == {32}  # one bucket captured, replayed for every request
+    ga = graphed.generate(passages[:6], "Which?", max_new_tokens=10)
+    gb = eager.generate(passages[:6], "Which?", max_new_tokens=10)
+    assert ga.token_ids[:3] == gb.token_ids[:3]
+    # Busy buffer: a second request falls back to the eager path instead of waiting.
+    assert graphed.graphs.lock.acquire(blocking=False)
+    try:
+        busy = graphed.prefill(passages[:5], "Which?")
+    finally:
+        graphed.graphs.lock.release()
+    torch.testing.assert_close(busy.logits, eager.prefill(passages[:5], "Which?").logits, atol=1e-6, rtol=0)

@@ -1,0 +1,195 @@
+"""CUDA-graph replay of the final-block prefill.
+
+Block mode leaves so little GPU work (one short forward over a cached context) that launching ~2,000
+kernels from Python costs more than running them. Here the final-block forward is captured once per
+final-length bucket and replayed for any context length up to ``max_context``:
+
+* one static KV buffer per layer holds the context (gathered and rotated into it by ``kernels``), the
+  final block and room to decode;
+* the context length lives in device tensors: attention over the context uses flash attention's
+  variable-length entry with ``seqused_k``, the context split into fixed chunks (flash-decoding style);
+  chunks past the context are empty and dropped in the log-sum-exp merge;
+* the final block is padded to its bucket; padded tokens come after the real ones, so no real token sees
+  them, and decoding overwrites their cache slots.
+
+Only for 16-bit models on CUDA with device-resident blocks; everything else takes the eager path. One
+request at a time uses the static buffer (a lock); a concurrent request falls back to the eager path.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from blockrag.assemble import BufferLayer, block_offsets
+from blockrag.attention import _attend, merge_partials
+from blockrag.kernels import block_table, gather_rotate, pointers
+
+BUCKETS = (32, 64, 128, 256, 512)
+
+
+@dataclass
+class GraphState:
+    """Device tensors that carry one request's lengths into a captured graph (same objects every replay)."""
+
+    chunk: int
+    seqused: Tensor  # (S,) int32 keys used in each context chunk
+    valid: Tensor  # (S,) bool, chunk holds at least one key
+    cu_q: Tensor  # (S+1,) int32 query offsets of each chunk (rows of folded queries)
+    cu_k: Tensor  # (S+1,) int32 key offsets of each chunk in the buffer
+    tail: Tensor  # (q,) int64 cache slots of the final block: n .. n+q-1
+
+
+def graph_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, state: GraphState) -> Tensor:
+    """Bottom-right causal attention of a final block over a static buffer, lengths from ``state``.
+
+    Args:
+        query: (1, Hq, q, D).
+        key, value: (1, Hkv, cap, D) static buffers; context in slots 0..n-1, the final block at ``state.tail``.
+
+    Returns:
+        (1, Hq, q, D).
+    """
+    _, q_heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = q_heads // kv_heads
+    rows = groups * q_len
+    chunks = state.seqused.numel()
+    folded = query.reshape(kv_heads, rows, dim).transpose(0, 1)  # (rows, Hkv, D): a group's heads as rows
+    packed = folded.unsqueeze(0).expand(chunks, rows, kv_heads, dim).reshape(chunks * rows, kv_heads, dim)
+    out, lse = torch.ops.aten._flash_attention_forward(
+        packed, key[0].transpose(0, 1), value[0].transpose(0, 1), state.cu_q, state.cu_k, rows, state.chunk,
+        0.0, False, False, scale=scale, seqused_k=state.seqused)[:2]
+    out = out.view(chunks, rows, kv_heads, dim).permute(0, 2, 1, 3).reshape(chunks, q_heads, q_len, dim)
+    lse = lse.view(kv_heads, chunks, rows).transpose(0, 1).reshape(chunks, q_heads, q_len)
+    lse = lse.masked_fill(~state.valid[:, None, None], float("-inf"))  # flash reports +inf for empty rows
+    tail_k = key.index_select(2, state.tail).repeat_interleave(groups, dim=1)
+    tail_v = value.index_select(2, state.tail).repeat_interleave(groups, dim=1)
+    tail_out, tail_lse = _attend(query, tail_k, tail_v, scale, causal=True)
+    return merge_partials(torch.cat([out, tail_out]), torch.cat([lse, tail_lse]))[None]
+
+
+class _GraphLayer(DynamicLayer):
+    """Cache layer used while capturing: writes the final block at ``state.tail``, returns the whole buffer."""
+
+    def __init__(self, keys: Tensor, values: Tensor, state: GraphState) -> None:
+        super().__init__()
+        self.keys, self.values, self.state = keys, values, state
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.keys.index_copy_(2, self.state.tail, key_states)
+        self.values.index_copy_(2, self.state.tail, value_states)
+        return self.keys, self.values
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    ids: Tensor  # (1, q)
+    positions: Tensor  # (1, q)
+    last: Tensor  # (1,) index of the last real token
+    state: GraphState
+    logits: Tensor  # (1, 1, V) output
+
+
+class FinalBlockGraphs:
+    """Captured final-block forwards of one model, sharing one static KV buffer.
+
+    Args:
+        model: a 16-bit HF causal LM on CUDA, already switched to the ``blockrag`` attention by the caller.
+        max_context: most context tokens a replay accepts.
+        chunk: context chunk length for the split attention.
+        buckets: final-block lengths that get a graph (a final block is padded to the next one).
+        decode_room: buffer slots kept after the final block for generated tokens (more grow the cache).
+    """
+
+    def __init__(self, model, max_context: int, chunk: int = 4096, buckets=BUCKETS, decode_room: int = 512):
+        config = model.config.get_text_config()
+        self.model = model
+        self.buckets = tuple(sorted(buckets))
+        self.chunk = chunk
+        self.chunks = max(1, math.ceil(max_context / chunk))
+        self.max_context = max_context
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        layers, heads = config.num_hidden_layers, config.num_key_value_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        capacity = self.chunks * chunk + self.buckets[-1] + decode_room
+        self.keys = torch.empty(layers, 1, heads, capacity, dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        self.lock = threading.Lock()
+        self._graphs: dict[int, _Captured] = {}
+
+    def bucket(self, context: int, final: int) -> int | None:
+        """The bucket a request fits in, or None (then use the eager path)."""
+        if context > self.max_context:
+            return None
+        return next((b for b in self.buckets if b >= final), None)
+
+    def prefill(self, blocks, final_ids: list[int], rope, reencode: bool, bucket: int) -> tuple[Tensor, DynamicCache]:
+        """Gather blocks into the buffer, replay the bucket's graph; return (last logits (V,), decode cache)."""
+        device = self.keys.device
+        offsets = block_offsets(blocks)
+        context = offsets[-1] + blocks[-1].num_tokens
+        table = block_table([b.num_tokens for b in blocks], offsets, offsets if reencode else [0] * len(blocks),
+                            rope.inv_freq, device)
+        ptrs = pointers([[b.keys for b in blocks], [b.values for b in blocks]], device)
+        gather_rotate(ptrs[0], ptrs[1], table, self.keys[:, 0], self.values[:, 0])
+        captured = self._graphs.get(bucket) or self._capture(bucket)
+        q = len(final_ids)
+        host = torch.zeros(2, bucket, dtype=torch.long)
+        host[0, :q] = torch.tensor(final_ids)
+        host[1] = torch.arange(context, context + bucket)
+        captured.ids.copy_(host[0:1], non_blocking=True)
+        captured.positions.copy_(host[1:2], non_blocking=True)
+        captured.state.tail.copy_(host[1], non_blocking=True)
+        captured.last.fill_(q - 1)
+        used = (context - torch.arange(self.chunks) * self.chunk).clamp(0, self.chunk)
+        captured.state.seqused.copy_(used.to(torch.int32), non_blocking=True)
+        captured.state.valid.copy_(used > 0, non_blocking=True)
+        captured.graph.replay()
+        cache = DynamicCache(config=self.model.config)
+        cache.layers = [BufferLayer(self.keys[i], self.values[i], context + q) for i in range(self.keys.shape[0])]
+        return captured.logits[0, -1].float(), cache
+
+    def _capture(self, bucket: int) -> _Captured:
+        device = self.keys.device
+        rows = bucket * (self.model.config.num_attention_heads // self.keys.shape[2])
+        state = GraphState(
+            chunk=self.chunk,
+            seqused=torch.zeros(self.chunks, dtype=torch.int32, device=device),
+            valid=torch.zeros(self.chunks, dtype=torch.bool, device=device),
+            cu_q=torch.arange(0, (self.chunks + 1) * rows, rows, dtype=torch.int32, device=device),
+            cu_k=torch.arange(0, (self.chunks + 1) * self.chunk, self.chunk, dtype=torch.int32, device=device),
+            tail=torch.arange(bucket, device=device),
+        )
+        ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
+        positions = torch.arange(bucket, device=device)[None]
+        last = torch.full((1,), bucket - 1, dtype=torch.long, device=device)
+        mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # 4D: transformers builds no mask
+        cache = DynamicCache(config=self.model.config)
+        cache.layers = [_GraphLayer(self.keys[i], self.values[i], state) for i in range(self.keys.shape[0])]
+
+        def step() -> Tensor:
+            return self.model(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
+                              use_cache=True, logits_to_keep=last, blockrag_graph=state).logits
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the graph: kernels selected, workspaces allocated
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step()
+        captured = _Captured(graph, ids, positions, last, state, logits)
+        self._graphs[bucket] = captured
+        return captured
