@@ -178,6 +178,7 @@ def run_gpu(args) -> dict:
         reference = fast.prefill(gpu_blocks, question).logits
         row["graph_vs_fast_max_abs_logit_diff"] = float((graphed.prefill(gpu_blocks, question).logits
                                                          - reference).abs().max())
+        row["max_abs_logit"] = float(reference.abs().max())
         row["floor_gpu_ms"] = 1e3 * (weight_bytes + kv_bytes) / (d2d / 2 * 1e9)
         row["floor_host_ms"] = 1e3 * kv_bytes / (h2d * 1e9)
         row["speedup_gpu"] = row["full_ms"] / row["block_gpu_ms"]

@@ -136,13 +136,14 @@ class FinalBlockGraphs:
     def prefill(self, blocks, final_ids: list[int], rope, reencode: bool, bucket: int) -> tuple[Tensor, DynamicCache]:
         """Gather blocks into the buffer, replay the bucket's graph; return (last logits (V,), decode cache)."""
         device = self.keys.device
+        # NOTE: capture first: its warm-up runs write into the buffer, which must not clobber this context.
+        captured = self._graphs.get(bucket) or self._capture(bucket)
         offsets = block_offsets(blocks)
         context = offsets[-1] + blocks[-1].num_tokens
         table = block_table([b.num_tokens for b in blocks], offsets, offsets if reencode else [0] * len(blocks),
                             rope.inv_freq, device)
         ptrs = pointers([[b.keys for b in blocks], [b.values for b in blocks]], device)
         gather_rotate(ptrs[0], ptrs[1], table, self.keys[:, 0], self.values[:, 0])
-        captured = self._graphs.get(bucket) or self._capture(bucket)
         q = len(final_ids)
         host = torch.zeros(2, bucket, dtype=torch.long)
         host[0, :q] = torch.tensor(final_ids)
