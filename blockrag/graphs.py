@@ -31,7 +31,7 @@ from blockrag.assemble import BufferLayer, block_offsets
 from blockrag.attention import _attend, merge_partials
 from blockrag.kernels import block_table, gather_rotate, pointers
 
-BUCKETS = (32, 64, 128, 256, 512)
+BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # final-block lengths; padding costs rows
 
 
 @dataclass

@@ -119,7 +119,7 @@ def test_cuda_graph_prefill_matches_the_eager_fast_path(tokenizer):
             b = eager.prefill(passages[:count], question)
             tol = 3e-2 * b.logits.abs().max().item()
             torch.testing.assert_close(a.logits, b.logits, atol=tol, rtol=0)
-    assert set(graphed.graphs._graphs) == {32}  # one bucket captured, replayed for every request
+    assert len(graphed.graphs._graphs) <= 2  # one graph per final-length bucket, replayed for every context
     ga = graphed.generate(passages[:6], "Which?", max_new_tokens=10)
     gb = eager.generate(passages[:6], "Which?", max_new_tokens=10)
     assert ga.token_ids[:3] == gb.token_ids[:3]
