@@ -2,24 +2,35 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+INTEGRATIONS := integrations/langchain integrations/llamaindex
 
 .PHONY: install test test-all lint demo bench clean
 
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[all,dev]"
+	$(BIN)/pip install -q -e ".[all,dev]" -e "integrations/langchain[test]" -e "integrations/llamaindex[test]"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# Core tests, then each integration's suite from its own folder (its own pytest settings).
 test:
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests
+	cd integrations/langchain && ../../$(BIN)/python -m pytest -q tests
+	cd integrations/llamaindex && ../../$(BIN)/python -m pytest -q tests
 
 test-all:
-	$(BIN)/python -m pytest -q -m ""
+	$(BIN)/python -m pytest -q -m "" tests
 
 lint:
-	$(BIN)/ruff check blockrag tests
+	$(BIN)/ruff check blockrag tests benchmarks examples integrations
+
+# Install, ingest the example documents into a knowledge base, answer sample questions, print block vs full TTFT.
+demo: install
+	$(BIN)/python examples/quickstart.py
+
+bench:
+	$(BIN)/python benchmarks/ttft.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
