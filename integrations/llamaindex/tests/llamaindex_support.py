@@ -1,19 +1,43 @@
-"""Tiny local models and engines shared by the LlamaIndex tests (built once per process)."""
+"""Offline set-up, tiny local models, engines and a knowledge base shared by the LlamaIndex tests.
+
+NOTE: no conftest.py here on purpose: the root test suite imports names from its own `conftest` module,
+and a second top-level `conftest` in the same pytest session would shadow it. Test modules import the
+autouse fixture below by name instead, and mark their async tests explicitly.
+"""
 
 from __future__ import annotations
 
-import atexit
-import functools
-import shutil
-import tempfile
-from pathlib import Path
+import os
 
-from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
-from llama_index.core.instrumentation.events import BaseEvent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from blockrag import BlockEngine
-from blockrag.testing import tiny_pipeline
+import atexit  # noqa: E402
+import functools  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
+from llama_index.core.instrumentation.events import BaseEvent  # noqa: E402
+
+from blockrag import BlockEngine  # noqa: E402
+from blockrag.testing import tiny_pipeline  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def no_network():
+    """Sockets off for the test (unix sockets stay: the event loop's self-pipe is a socket pair)."""
+    from pytest_socket import disable_socket, enable_socket
+
+    disable_socket(allow_unix_socket=True)
+    yield
+    enable_socket()
 
 
 @functools.cache

@@ -15,7 +15,13 @@ from llama_index.core.instrumentation.events.llm import (
 )
 from llama_index.core.schema import TextNode
 from llama_index.llms.blockrag import BlockKVTransform, BlockRAGLLM
-from llamaindex_support import record_events, stop_recording, tiny_engine, tiny_model_dir
+from llamaindex_support import (
+    no_network,  # noqa: F401
+    record_events,
+    stop_recording,
+    tiny_engine,
+    tiny_model_dir,
+)
 
 from blockrag import Passage
 from blockrag.errors import InvalidInputError
@@ -71,6 +77,7 @@ def test_chat_writes_out_a_conversation(llm):
     assert reply.message.content == llm.complete("User: hello\nAssistant: hello\nUser: how are you").text
 
 
+@pytest.mark.asyncio
 async def test_async_variants_match_sync(llm):
     expected = llm.complete("Hey", passages=PASSAGES).text
     assert (await llm.acomplete("Hey", passages=PASSAGES)).text == expected
@@ -82,6 +89,7 @@ async def test_async_variants_match_sync(llm):
     assert chunks[-1].message.content == expected and chunks[-1].raw["usage"]["cached_tokens"] > 0
 
 
+@pytest.mark.asyncio
 async def test_async_stream_closed_early_stops_cleanly(llm):
     stream = await llm.astream_complete("Hey", passages=PASSAGES)
     async for _ in stream:

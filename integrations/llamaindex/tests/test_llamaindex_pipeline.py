@@ -13,7 +13,12 @@ from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.schema import Document, MetadataMode, TextNode
 from llama_index.llms.blockrag import BlockKVTransform, BlockRAGLLM, BlockSynthesizer
 from llama_index.llms.blockrag._runtime import node_passage
-from llamaindex_support import record_events, stop_recording, tiny_engine
+from llamaindex_support import (
+    no_network,  # noqa: F401
+    record_events,
+    stop_recording,
+    tiny_engine,
+)
 
 from blockrag.errors import InvalidInputError
 
@@ -131,6 +136,7 @@ def test_query_engine_streaming_matches(ingested):
     assert len(response.source_nodes) == len(nodes)
 
 
+@pytest.mark.asyncio
 async def test_query_engine_async_with_and_without_streaming(ingested):
     engine, nodes = ingested
     expected = _query_engine(engine, nodes, False).query("Who burns Welsh coal?").response

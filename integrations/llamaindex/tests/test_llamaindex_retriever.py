@@ -10,7 +10,12 @@ from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.schema import MetadataMode
 from llama_index.llms.blockrag import BlockRAGLLM, BlockSynthesizer
 from llama_index.retrievers.blockrag import BlockRAGRetriever
-from llamaindex_support import record_events, sample_knowledge_base, stop_recording
+from llamaindex_support import (
+    no_network,  # noqa: F401
+    record_events,
+    sample_knowledge_base,
+    stop_recording,
+)
 
 from blockrag.errors import InvalidInputError
 
@@ -30,6 +35,7 @@ def test_nodes_carry_hits_and_keep_our_metadata_out_of_text():
         assert node.get_content(MetadataMode.LLM) == node.get_content(MetadataMode.EMBED) == hit.text
 
 
+@pytest.mark.asyncio
 async def test_aretrieve_and_events():
     retriever = BlockRAGRetriever(sample_knowledge_base(), similarity_top_k=2)
     log = record_events()

@@ -7,7 +7,11 @@ from langchain_blockrag import ChatBlockRAG, document_block, rag_messages
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
-from langchain_support import fresh_engine, tiny_engine
+from langchain_support import (
+    fresh_engine,
+    no_network,  # noqa: F401
+    tiny_engine,
+)
 
 from blockrag import BlockEngine, Passage
 from blockrag.errors import InvalidInputError
@@ -99,6 +103,7 @@ def test_streaming_field_fires_token_callbacks():
     assert reply.usage_metadata["output_tokens"] == 10
 
 
+@pytest.mark.asyncio
 async def test_async_stream_matches_and_can_stop_early():
     chat = ChatBlockRAG(engine=tiny_engine(), max_tokens=10)
     expected = chat.invoke(rag_messages("When?", DOCS)).text

@@ -11,7 +11,7 @@ import uuid
 from langchain_blockrag import ChatBlockRAG, rag_messages
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessage
-from langchain_support import tiny_model_dir
+from langchain_support import ASYNC_SUITE_MARKS, no_network, tiny_model_dir  # noqa: F401
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 
@@ -25,6 +25,8 @@ def _documents() -> list[Document]:
 
 
 class TestChatBlockRAGIntegration(ChatModelIntegrationTests):
+    pytestmark = ASYNC_SUITE_MARKS
+
     @property
     def chat_model_class(self) -> type[ChatBlockRAG]:
         return ChatBlockRAG

@@ -7,7 +7,10 @@ import json
 import pytest
 from langchain_blockrag import BlockRAGRetriever, ChatBlockRAG, create_rag_chain
 from langchain_core.messages import AIMessageChunk
-from langchain_support import sample_knowledge_base
+from langchain_support import (
+    no_network,  # noqa: F401
+    sample_knowledge_base,
+)
 
 from blockrag import Passage
 from blockrag.errors import InvalidInputError
@@ -28,6 +31,7 @@ def test_documents_carry_json_safe_metadata():
         json.dumps(doc.metadata)
 
 
+@pytest.mark.asyncio
 async def test_k_call_kwarg_sync_and_async():
     retriever = BlockRAGRetriever(knowledge_base=sample_knowledge_base(), k=4)
     assert len(retriever.invoke(QUESTION)) == 4

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from langchain_blockrag import BlockRAGRetriever
-from langchain_support import sample_knowledge_base
+from langchain_support import ASYNC_SUITE_MARKS, no_network, sample_knowledge_base  # noqa: F401
 from langchain_tests.integration_tests import RetrieversIntegrationTests
 
 
 class TestBlockRAGRetrieverStandard(RetrieversIntegrationTests):
+    pytestmark = ASYNC_SUITE_MARKS
+
     @property
     def retriever_constructor(self) -> type[BlockRAGRetriever]:
         return BlockRAGRetriever

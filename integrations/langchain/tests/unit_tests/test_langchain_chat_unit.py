@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from langchain_blockrag import ChatBlockRAG
 from langchain_tests.unit_tests import ChatModelUnitTests
+
+pytestmark = pytest.mark.disable_socket  # constructs models only: no network, not even unix sockets
 
 
 class TestChatBlockRAGUnit(ChatModelUnitTests):
