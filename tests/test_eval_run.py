@@ -51,6 +51,7 @@ def test_synthetic_task_end_to_end_in_block_and_full_mode(synthetic_checkpoint, 
     run = json.loads((out / "run.json").read_text())
     assert run["model"]["template"] == "synthetic"          # block_template.json of the checkpoint
     assert run["settings"]["stop"] == [";"] and run["data"]["format"] == "synthetic"
+    assert run["settings"]["k"] == 3                         # every passage of the task's examples
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["modes"]) == {"block", "full"} and summary["modes"]["block"]["n"] == 3
     records = _lines(out / "results.jsonl")

@@ -14,6 +14,7 @@ from blockrag.errors import InvalidInputError
 
 SYNTHETIC = "synthetic"
 SYNTHETIC_DEFAULT_COUNT = 200
+DEFAULT_K = 5
 MAX_LISTED_PROBLEMS = 20
 
 DESCRIPTION = """\
@@ -81,8 +82,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run_group = p.add_argument_group("evaluation")
     run_group.add_argument("--modes", default="block,full", metavar="LIST",
                            help="comma-separated modes from block, full, closed-book (default: block,full)")
-    run_group.add_argument("--k", type=int, default=5, metavar="K",
-                           help="passages per question, best first (default 5; the paper's Table 1 uses 10)")
+    run_group.add_argument("--k", type=int, default=None, metavar="K",
+                           help=f"passages per question, best first (default {DEFAULT_K}; every passage of the "
+                                "example for --data synthetic; the paper's Table 1 uses 10)")
     run_group.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                            help="most tokens generated per answer (default 64)")
     run_group.add_argument("--stop", action="append", default=None, metavar="STR",
@@ -179,10 +181,13 @@ def run(args) -> int:
     model = args.model or kb_model.get("name")
     if not model:
         raise InvalidInputError("expected --model (or --kb with a recorded model), found neither")
-    stop = tuple(args.stop) if args.stop is not None else ((";",) if args.data == SYNTHETIC else ())
-    settings = EvalSettings(modes=modes, k=args.k, max_new_tokens=args.max_new_tokens, stop=stop,
-                            instruction=args.instruction, ttft=args.ttft)
     dataset = _load_data(args, modes, model)  # data errors surface before the model loads
+    synthetic = args.data == SYNTHETIC
+    stop = tuple(args.stop) if args.stop is not None else ((";",) if synthetic else ())
+    k = args.k if args.k is not None else (
+        max(len(e.passages) for e in dataset.examples) if synthetic else DEFAULT_K)
+    settings = EvalSettings(modes=modes, k=k, max_new_tokens=args.max_new_tokens, stop=stop,
+                            instruction=args.instruction, ttft=args.ttft)
     _report_problems(dataset)
     template = _template(args.template, model, kb_model.get("template"))
     engine = load_engine(model, template=template, device=args.device, dtype=args.dtype,

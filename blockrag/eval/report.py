@@ -60,15 +60,30 @@ def summarize(records: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[s
     return {mode: summarize_mode([r for r in records if r["mode"] == mode]) for mode in modes}
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     """Where the numbers were measured."""
     import torch
 
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "torch": torch.__version__, "cpu_count": os.cpu_count(),
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu": _cpu_name(),
+                            "python": platform.python_version(), "torch": torch.__version__,
+                            "cpu_count": os.cpu_count(),
                             "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    if hasattr(os, "getloadavg"):
+        # NOTE: CPU timings are only comparable on an otherwise idle machine; the load says whether it was.
+        info["load_average_1_5_15m"] = [round(x, 2) for x in os.getloadavg()]
     try:
         import transformers
 
