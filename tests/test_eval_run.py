@@ -215,3 +215,35 @@ def test_passages_retrieved_from_a_knowledge_base(tmp_path, capsys):
                for r in records if r["mode"] == "block")
     assert json.loads((out / "run.json").read_text())["kb"] == str(kb)
     capsys.readouterr()
+
+
+def test_progress_bar_counts_resumed_and_new_answers(make_engine, tmp_path, capsys):
+    engine = make_engine("llama")
+    data = load_dataset(DATA / "triviaqa_fid.jsonl")
+    settings = EvalSettings(modes=("full",), max_new_tokens=1)
+    run_eval(engine, Dataset(data.source, data.format, data.examples[:1], digest=data.digest), tmp_path, settings)
+    capsys.readouterr()
+    run_eval(engine, data, tmp_path, settings, progress=True)
+    err = capsys.readouterr().err
+    assert "eval: 100%" in err and "2/2" in err and "full " in err   # postfix: running accuracy per mode
+
+
+def test_every_eval_option_has_help_text():
+    import argparse
+
+    from blockrag.eval.cli import add_parser
+
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert {"--data", "--format", "--model", "--modes", "--k", "--max-new-tokens", "--out", "--kb", "--limit",
+            "--strict"} <= {s for a in options for s in a.option_strings}
+    assert all(a.help and len(a.help) > 10 for a in options)
+
+
+def test_import_blockrag_does_not_import_the_evaluation_package():
+    import subprocess
+    import sys
+
+    code = "import sys, blockrag; print(any(m.startswith('blockrag.eval') for m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
