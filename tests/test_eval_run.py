@@ -124,12 +124,15 @@ def test_interrupted_run_resumes_where_it_stopped(make_engine, tmp_path):
     assert len(results.read_text().splitlines()) == 3
     with results.open("a") as f:   # a write torn by the interruption: half a line, no newline
         f.write('{"id": "g3", "mode": "fu')
-    outcome = run_eval(engine, data, tmp_path, settings)
+    same_file = load_dataset(f"{DATA}/../eval/generic.jsonl")   # spelled differently, same content: resumes
+    outcome = run_eval(engine, same_file, tmp_path, settings)
     assert (outcome.resumed, outcome.new) == (3, 3)
     records = _lines(results)   # every line parses: the torn one was cut off
     assert [(r["id"], r["mode"]) for r in records] == [(i, m) for i in ("g1", "line2", "g3") for m in ("block", "full")]
     with pytest.raises(ResumeMismatchError, match="same model"):
         run_eval(make_engine("qwen2"), data, tmp_path, settings)
+    with pytest.raises(ResumeMismatchError, match="same data"):
+        run_eval(engine, load_dataset(DATA / "triviaqa_fid.jsonl"), tmp_path, settings)
 
 
 def test_blocks_shared_across_questions_are_encoded_once(make_engine, tmp_path):

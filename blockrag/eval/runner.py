@@ -35,8 +35,10 @@ MODES = ("block", "full", "closed-book")
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
 _ENGINE_MODE = {"block": "block", "full": "full", "closed-book": "full"}
-# Run facts that must match for a resumed run to extend earlier results (modes and limit may change).
-_RESUME_KEYS = ("data", "model", "settings", "kb")
+# Run facts that must match for a resumed run to extend earlier results (modes and limit may change). Data and
+# model are compared by content (digest, fingerprint), not by how their paths or names were spelled.
+_RESUME_FACTS = {"data": ("format", "digest"), "model": ("fingerprint", "template_version", "dtype"),
+                 "settings": None, "kb": None}
 
 
 class ResumeMismatchError(BlockRAGError):
@@ -145,10 +147,17 @@ def run_info(engine, dataset: Dataset, settings: EvalSettings, *, model_name: st
     }
 
 
+def _resume_view(info: dict[str, Any], key: str) -> Any:
+    value, fields = info.get(key), _RESUME_FACTS[key]
+    if fields is None or not isinstance(value, dict):
+        return value
+    return {f: value.get(f) for f in fields}
+
+
 def _check_resume(saved: dict[str, Any], current: dict[str, Any], out_dir: Path) -> None:
-    for key in _RESUME_KEYS:
-        if saved.get(key) != current.get(key):
-            before, now = (json.dumps(x.get(key), sort_keys=True) for x in (saved, current))
+    for key in _RESUME_FACTS:
+        if _resume_view(saved, key) != _resume_view(current, key):
+            before, now = (json.dumps(_resume_view(x, key), sort_keys=True) for x in (saved, current))
             raise ResumeMismatchError(
                 f"expected the results in {out_dir} to come from the same {key} to resume them, found {before} "
                 f"there and {now} now; pass another --out directory, or --overwrite to discard the earlier results")
