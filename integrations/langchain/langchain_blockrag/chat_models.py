@@ -173,13 +173,12 @@ class ChatBlockRAG(BaseChatModel):
         super().__init__(**data)
         if self.engine is None and not self.model_name:
             raise InvalidInputError("expected `model` (a Hub name or local path) or `engine`, found neither")
-        if self.model_name is None:
+        if not self.model_name:
             self.model_name = self.engine.model_name
 
     @property
     def _llm_type(self) -> str:
         return "blockrag"
-
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
