@@ -10,6 +10,7 @@ mode="full": one ordinary causal prefill over exactly the same token ids.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -184,6 +185,7 @@ class BlockEngine:
             fast_attention = self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
         self.fast_attention = fast_attention
         self.assemble_path = assemble_path
+        self._attention_lock, self._attention_users = threading.Lock(), 0
         if fast_attention:
             from blockrag.attention import register
 
@@ -229,17 +231,27 @@ class BlockEngine:
 
     @contextmanager
     def _attention(self):
-        """Use the fast attention implementation for the duration of one engine call."""
+        """Use the fast attention implementation for the duration of one engine call.
+
+        Reference-counted under a lock, so concurrent requests on several threads never restore the
+        model's own attention while another request is still running.
+        """
         if not self.fast_attention:
             yield
             return
         config = self.model.config
-        previous = config._attn_implementation
-        config._attn_implementation = self._attention_name
+        with self._attention_lock:
+            if self._attention_users == 0:
+                self._previous_attention = config._attn_implementation
+                config._attn_implementation = self._attention_name
+            self._attention_users += 1
         try:
             yield
         finally:
-            config._attn_implementation = previous
+            with self._attention_lock:
+                self._attention_users -= 1
+                if self._attention_users == 0:
+                    config._attn_implementation = self._previous_attention
 
     # --- blocks ----------------------------------------------------------------------------------
 

@@ -63,3 +63,29 @@ def test_buffer_cache_grows_past_its_capacity(make_engine):
     assert keys.shape[2] == length + 5 and cache.get_seq_length() == length + 5
     torch.testing.assert_close(keys[:, :, length:], extra_k)
     torch.testing.assert_close(values[:, :, :length][0], torch.cat([b.values[0] for b in blocks], dim=1))
+
+
+def test_concurrent_requests_keep_the_fast_attention_until_the_last_one_ends(make_engine):
+    import threading
+
+    engine = make_engine("llama", fast_attention=True)
+    before = engine.model.config._attn_implementation
+    expected = engine.prefill(["Paris is the capital of France.", "The fox."], "Q?").logits
+    results, errors = [], []
+
+    def ask():
+        try:
+            for _ in range(3):
+                results.append(engine.prefill(["Paris is the capital of France.", "The fox."], "Q?").logits)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 12
+    for logits in results:
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    assert engine.model.config._attn_implementation == before
