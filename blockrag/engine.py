@@ -286,7 +286,8 @@ class BlockEngine:
         blocks: list[KVBlock | None] = []
         for block in found:
             # NOTE: a store may hold blocks of another model under a colliding path; never use them.
-            usable = block is not None and block.fingerprint == self.fingerprint and block.dtype == self.dtype
+            usable = block is not None and block.fingerprint == self.fingerprint and (
+                block.dtype == self.dtype or block.quantized)
             blocks.append(block if usable else None)
         cached = [b is not None for b in blocks]
         missing = [i for i, b in enumerate(blocks) if b is None]
@@ -371,7 +372,7 @@ class BlockEngine:
             elif blocks:
                 cache, next_pos = assemble_cache(blocks, self.rope, self.model.config, device, reencode=reencode,
                                                  capacity=len(prompt.final_ids) + new_tokens,
-                                                 path=self.assemble_path)
+                                                 path=self.assemble_path, dtype=self.dtype)
             else:
                 cache, next_pos = None, 0
             cached_tokens = sum(b.num_tokens for b, c in zip(blocks, cached) if c)
@@ -471,30 +472,31 @@ class BlockEngine:
         token_ids: list[int] = []
         finish = "length"
         first_token_at = decode_start = time.perf_counter()
-        with torch.inference_mode():
-            while True:
-                token = select_token(logits, params, generator)
-                if not token_ids:
-                    first_token_at = time.perf_counter()
-                if token in self.eos_ids:
-                    finish = "stop"
-                    break
-                token_ids.append(token)
-                delta = text.add(token)
-                if delta:
-                    yield delta
-                if text.stopped:
-                    finish = "stop"
-                    break
-                if len(token_ids) >= params.max_new_tokens or (
-                        self.max_positions is not None and position >= self.max_positions):
-                    break
-                with self._attention():
-                    out = self.model(input_ids=torch.tensor([[token]], device=device),
-                                     position_ids=torch.tensor([[position]], device=device),
-                                     past_key_values=cache, use_cache=True)
-                cache, logits, position = out.past_key_values, out.logits[0, -1].float(), position + 1
-            _sync(device)
+        # NOTE: inference mode only around each model call, never across a yield: it is per-thread state,
+        # and a stream may be resumed from another thread (async frameworks pull it from a thread pool).
+        while True:
+            token = select_token(logits, params, generator)
+            if not token_ids:
+                first_token_at = time.perf_counter()
+            if token in self.eos_ids:
+                finish = "stop"
+                break
+            token_ids.append(token)
+            delta = text.add(token)
+            if delta:
+                yield delta
+            if text.stopped:
+                finish = "stop"
+                break
+            if len(token_ids) >= params.max_new_tokens or (
+                    self.max_positions is not None and position >= self.max_positions):
+                break
+            with torch.inference_mode(), self._attention():
+                out = self.model(input_ids=torch.tensor([[token]], device=device),
+                                 position_ids=torch.tensor([[position]], device=device),
+                                 past_key_values=cache, use_cache=True)
+            cache, logits, position = out.past_key_values, out.logits[0, -1].float(), position + 1
+        _sync(device)
         tail = text.finish()
         if tail:
             yield tail

@@ -91,3 +91,20 @@ def test_text_accumulator_holds_back_partial_characters_and_stop_prefixes(tokeni
     # Negative control: decoding token by token without the accumulator does split the emoji.
     pieces = [tokenizer.decode([t]) for t in ids]
     assert any("\ufffd" in p for p in pieces)
+
+
+def test_a_stream_can_be_resumed_from_other_threads(make_engine):
+    """Async frameworks pull a stream one item at a time from a thread pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = make_engine("llama")
+    expected = engine.generate(PASSAGES, "Capital?", max_new_tokens=12).text
+    stream = iter(engine.stream(PASSAGES, "Capital?", max_new_tokens=12))
+    deltas = []
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        while True:
+            item = pool.submit(next, stream, None).result()
+            if item is None:
+                break
+            deltas.append(item)
+    assert "".join(deltas) == expected
