@@ -7,6 +7,7 @@ llama3 rope scaling), random bf16 weights, passages of ~512 tokens, a ~64-token 
   block-naive     block mode, eager rotation + HF sdpa attention (the path before the fast path)
   block-gpu       block mode, KV resident on the GPU (Triton gather+rotate, GQA-native attention)
   block-host      block mode, KV in pinned host memory (layer-wise pipelined copies)
+  block-host-fp8  the same with fp8 (e4m3) KV and per-(layer, head) scales, dequantised while gathering
   block-graph     block-gpu with the final-block forward replayed from a CUDA graph (cuda_graphs=...)
   floor           (weights + KV bytes) / measured device bandwidth (host: KV bytes / measured H2D bandwidth);
                   device bandwidth = a large device-to-device copy's (read + write) bytes per second
@@ -165,6 +166,9 @@ def run_gpu(args) -> dict:
         gpu_blocks = gpu_blocks_all[: len(texts)]
         host_blocks = [dataclasses.replace(b, keys=b.keys.cpu().pin_memory(), values=b.values.cpu().pin_memory())
                        for b in gpu_blocks]
+        host_fp8 = [dataclasses.replace(q, keys=q.keys.cpu().pin_memory(), values=q.values.cpu().pin_memory(),
+                                        key_scale=q.key_scale.cpu(), value_scale=q.value_scale.cpu())
+                    for q in (b.quantize() for b in gpu_blocks)]
         probe = fast.prefill(gpu_blocks, question)
         n = len(probe.input_ids)
         kv_bytes = (n - len(probe.final_ids)) * kv_per_token
@@ -174,16 +178,20 @@ def run_gpu(args) -> dict:
         row["block_naive_ms"] = 1e3 * median_time(functools.partial(naive.prefill, gpu_blocks, question), args.repeats)
         row["block_gpu_ms"] = 1e3 * median_time(functools.partial(fast.prefill, gpu_blocks, question), args.repeats)
         row["block_host_ms"] = 1e3 * median_time(functools.partial(fast.prefill, host_blocks, question), args.repeats)
+        row["block_host_fp8_ms"] = 1e3 * median_time(functools.partial(fast.prefill, host_fp8, question), args.repeats)
+        fp8_logits = fast.prefill(host_fp8, question).logits
         graph_call = functools.partial(graphed.prefill, gpu_blocks, question)
         row["block_graph_ms"] = 1e3 * median_time(graph_call, args.repeats)
         reference = fast.prefill(gpu_blocks, question).logits
         row["graph_vs_fast_max_abs_logit_diff"] = float((graphed.prefill(gpu_blocks, question).logits
                                                          - reference).abs().max())
         row["max_abs_logit"] = float(reference.abs().max())
+        row["fp8_vs_bf16_max_abs_logit_diff"] = float((fp8_logits - reference).abs().max())
         row["naive_vs_fast_max_abs_logit_diff"] = float((naive.prefill(gpu_blocks, question).logits
                                                          - reference).abs().max())
         row["floor_gpu_ms"] = 1e3 * (weight_bytes + kv_bytes) / (d2d * 1e9)  # read once at the copy's bus rate
         row["floor_host_ms"] = 1e3 * kv_bytes / (h2d * 1e9)
+        row["floor_host_fp8_ms"] = 1e3 * kv_bytes / 2 / (h2d * 1e9)
         row["speedup_gpu"] = row["full_ms"] / row["block_gpu_ms"]
         row["speedup_graph"] = row["full_ms"] / row["block_graph_ms"]
         row.update(breakdown(fast, gpu_blocks, host_blocks, args.repeats))

@@ -103,9 +103,39 @@ def fast_path(blocks: Sequence[KVBlock], device: torch.device) -> str:
     return "eager"
 
 
+def gather_plans(blocks: Sequence[KVBlock], keys: Sequence[Tensor], values: Sequence[Tensor],
+                 offsets: Sequence[int], deltas: Sequence[int], rope: RopeSpec, device: torch.device,
+                 per_layer: bool = False):
+    """Launch plans for ``kernels.gather_rotate``: one for plain blocks, one for fp8 blocks (if any).
+
+    Args:
+        blocks: the blocks (for lengths and fp8 scales).
+        keys, values: per block, the device tensors to read: (L, H, T, D) each.
+        per_layer: one pointer row per layer (sources addressed layer by layer) instead of one row.
+    """
+    from blockrag.kernels import GatherPlan, block_table, pointers
+
+    plans = []
+    for fp8 in (False, True):
+        chosen = [i for i, b in enumerate(blocks) if b.quantized == fp8]
+        if not chosen:
+            continue
+        table = block_table([blocks[i].num_tokens for i in chosen], [offsets[i] for i in chosen],
+                            [deltas[i] for i in chosen], rope.inv_freq, device)
+        rows = range(keys[chosen[0]].shape[0]) if per_layer else [None]
+        k_ptrs = pointers([[keys[i] if r is None else keys[i][r] for i in chosen] for r in rows], device)
+        v_ptrs = pointers([[values[i] if r is None else values[i][r] for i in chosen] for r in rows], device)
+        scales, keep = None, ()
+        if fp8:
+            keep = tuple((blocks[i].key_scale.to(device), blocks[i].value_scale.to(device)) for i in chosen)
+            scales = pointers([[k for k, _ in keep], [v for _, v in keep]], device)
+        plans.append(GatherPlan(table, k_ptrs, v_ptrs, scales, keep))
+    return plans
+
+
 def assemble_cache(
     blocks: Sequence[KVBlock], rope: RopeSpec, config, device: torch.device, *, reencode: bool = True,
-    capacity: int = 0, path: str | None = None,
+    capacity: int = 0, path: str | None = None, dtype: torch.dtype | None = None,
 ) -> tuple[DynamicCache, int]:
     """Concatenate blocks into a fresh cache, each block's keys rotated to its offset.
 
@@ -118,6 +148,7 @@ def assemble_cache(
             paper's "w/o position re-encoding" ablation).
         capacity: extra room to preallocate after the context (final block + new tokens).
         path: force "eager", "gpu" or "host" (default: ``fast_path``).
+        dtype: dtype of the cache (default: that of the first block that is not fp8).
 
     Returns:
         (cache, next_position): next_position = sum of T_i, the position of the first token after.
@@ -127,24 +158,25 @@ def assemble_cache(
     deltas = offsets if reencode else [0] * len(blocks)
     layers, heads, _, dim = blocks[0].keys.shape
     dim_v = blocks[0].values.shape[-1]
-    dtype = blocks[0].dtype
+    dtype = dtype or next(b.dtype for b in blocks if not b.quantized)
     keys = torch.empty(layers, 1, heads, total + capacity, dim, dtype=dtype, device=device)
     values = torch.empty(layers, 1, heads, total + capacity, dim_v, dtype=dtype, device=device)
     path = path or fast_path(blocks, device)
     ready: list[Callable[[], None] | None] = [None] * layers
     if path == "gpu":
-        from blockrag.kernels import block_table, gather_rotate, pointers
+        from blockrag.kernels import gather_rotate
 
-        table = block_table([b.num_tokens for b in blocks], offsets, deltas, rope.inv_freq, device)
-        ptrs = pointers([[b.keys for b in blocks], [b.values for b in blocks]], device)
-        gather_rotate(ptrs[0], ptrs[1], table, keys[:, 0], values[:, 0])
+        for plan in gather_plans(blocks, [b.keys for b in blocks], [b.values for b in blocks], offsets, deltas, rope,
+                                 device):
+            gather_rotate(plan, 0, keys[:, 0], values[:, 0])
     elif path == "host":
         ready = _copy_from_host(blocks, offsets, deltas, rope, keys, values)
     else:
         for block, offset, delta in zip(blocks, offsets, deltas):
-            k = block.keys.to(device)
+            block = block.to(device).dequantize(dtype)
+            k = block.keys
             keys[:, 0, :, offset : offset + block.num_tokens] = rotate_keys(k, delta, rope.inv_freq) if delta else k
-            values[:, 0, :, offset : offset + block.num_tokens] = block.values.to(device)
+            values[:, 0, :, offset : offset + block.num_tokens] = block.values
     cache = DynamicCache(config=config)
     cache.layers = [BufferLayer(keys[i], values[i], total, ready[i]) for i in range(layers)]
     return cache, total
@@ -156,8 +188,6 @@ def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callabl
     Each block is copied into a device staging tensor of its own shape, so every copy is one contiguous
     memcpy; layer l's hook waits for its group's copy, then gathers and rotates on the compute stream.
     """
-    from blockrag.kernels import block_table, pointers
-
     device = keys.device
     compute = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
@@ -171,10 +201,8 @@ def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callabl
         if h:  # written on the side stream: not reusable before those copies finish
             sk.record_stream(side)
             sv.record_stream(side)
-    table = block_table([b.num_tokens for b in blocks], offsets, deltas, rope.inv_freq, device)
     layers = keys.shape[0]
-    k_ptrs = pointers([[sk[layer] for sk in staged_k] for layer in range(layers)], device)  # (L, nb)
-    v_ptrs = pointers([[sv[layer] for sv in staged_v] for layer in range(layers)], device)
+    plans = gather_plans(blocks, staged_k, staged_v, offsets, deltas, rope, device, per_layer=True)
     # NOTE: copies go in groups of layers: one memcpy per block and group keeps the host's issue time well
     # under the transfer time, and a layer still starts as soon as its group has landed.
     group = max(1, layers // 8)
@@ -189,8 +217,8 @@ def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callabl
             event = torch.cuda.Event()
             event.record(side)
             events += [event] * (last - first)
-    return [_LayerFromHost(events[layer], (staged_k, staged_v), k_ptrs[layer], v_ptrs[layer], table, keys[layer],
-                           values[layer]) for layer in range(layers)]
+    return [_LayerFromHost(events[layer], (staged_k, staged_v), plans, layer, keys[layer], values[layer])
+            for layer in range(layers)]
 
 
 class _LayerFromHost:
@@ -199,12 +227,13 @@ class _LayerFromHost:
     It holds the staging tensors: the pointer tables address them, so they must outlive every layer's use.
     """
 
-    def __init__(self, event, staging, k_ptrs, v_ptrs, table, keys, values) -> None:
-        self.event, self.staging = event, staging
-        self.k_ptrs, self.v_ptrs, self.table, self.keys, self.values = k_ptrs, v_ptrs, table, keys, values
+    def __init__(self, event, staging, plans, layer: int, keys: Tensor, values: Tensor) -> None:
+        self.event, self.staging, self.plans, self.layer = event, staging, plans, layer
+        self.keys, self.values = keys, values
 
     def __call__(self) -> None:
         from blockrag.kernels import gather_rotate
 
         torch.cuda.current_stream(self.keys.device).wait_event(self.event)
-        gather_rotate(self.k_ptrs, self.v_ptrs, self.table, self.keys, self.values)
+        for plan in self.plans:
+            gather_rotate(plan, self.layer, self.keys, self.values, scale_base=self.layer * self.keys.shape[1])

@@ -27,9 +27,9 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from blockrag.assemble import BufferLayer, block_offsets
+from blockrag.assemble import BufferLayer, block_offsets, gather_plans
 from blockrag.attention import _attend, merge_partials
-from blockrag.kernels import block_table, gather_rotate, pointers
+from blockrag.kernels import gather_rotate
 
 BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # final-block lengths; padding costs rows
 
@@ -140,10 +140,10 @@ class FinalBlockGraphs:
         captured = self._graphs.get(bucket) or self._capture(bucket)
         offsets = block_offsets(blocks)
         context = offsets[-1] + blocks[-1].num_tokens
-        table = block_table([b.num_tokens for b in blocks], offsets, offsets if reencode else [0] * len(blocks),
-                            rope.inv_freq, device)
-        ptrs = pointers([[b.keys for b in blocks], [b.values for b in blocks]], device)
-        gather_rotate(ptrs[0], ptrs[1], table, self.keys[:, 0], self.values[:, 0])
+        deltas = offsets if reencode else [0] * len(blocks)
+        for plan in gather_plans(blocks, [b.keys for b in blocks], [b.values for b in blocks], offsets, deltas, rope,
+                                 device):
+            gather_rotate(plan, 0, self.keys[:, 0], self.values[:, 0])
         q = len(final_ids)
         host = torch.zeros(2, bucket, dtype=torch.long)
         host[0, :q] = torch.tensor(final_ids)

@@ -70,6 +70,9 @@ class KVBlock:
         fingerprint: model fingerprint of the encoder.
         key: content key (see ``block_key``).
         text: the block text, when known.
+        key_scale, value_scale: (L, H) float32 scales when keys/values are stored as fp8 (e4m3); the
+            block then stands for ``keys * key_scale`` (see ``quantize``). The GPU paths dequantise while
+            gathering, so an fp8 block moves half the bytes to the device.
     """
 
     keys: Tensor
@@ -78,6 +81,8 @@ class KVBlock:
     fingerprint: str
     key: str
     text: str | None = None
+    key_scale: Tensor | None = None
+    value_scale: Tensor | None = None
 
     def __post_init__(self) -> None:
         assert self.keys.dim() == 4 and self.values.dim() == 4, "keys/values must be (L, H, T, D)"
@@ -89,6 +94,29 @@ class KVBlock:
         return len(self.token_ids)
 
     @property
+    def quantized(self) -> bool:
+        return self.key_scale is not None
+
+    def quantize(self) -> KVBlock:
+        """This block with fp8 (e4m3) keys and values and per-(layer, head) scales."""
+        from blockrag.store.fp8 import quantize_fp8
+
+        if self.quantized:
+            return self
+        keys, key_scale = quantize_fp8(self.keys)
+        values, value_scale = quantize_fp8(self.values)
+        return replace(self, keys=keys, values=values, key_scale=key_scale, value_scale=value_scale)
+
+    def dequantize(self, dtype: torch.dtype) -> KVBlock:
+        """This block with ``dtype`` keys and values (itself if not quantized)."""
+        from blockrag.store.fp8 import dequantize_fp8
+
+        if not self.quantized:
+            return self
+        return replace(self, keys=dequantize_fp8(self.keys, self.key_scale, dtype),
+                       values=dequantize_fp8(self.values, self.value_scale, dtype), key_scale=None, value_scale=None)
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.keys.dtype
 
@@ -98,13 +126,19 @@ class KVBlock:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        scales = 0 if not self.quantized else 4 * (self.key_scale.numel() + self.value_scale.numel())
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size() + scales
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> KVBlock:
+        scales = {}
+        if self.quantized:
+            scales = dict(key_scale=self.key_scale.to(device, non_blocking=non_blocking),
+                          value_scale=self.value_scale.to(device, non_blocking=non_blocking))
         return replace(
             self,
             keys=self.keys.to(device, non_blocking=non_blocking),
             values=self.values.to(device, non_blocking=non_blocking),
+            **scales,
         )
 
 
@@ -122,8 +156,9 @@ def check_block(block: KVBlock, fingerprint: str, dtype: torch.dtype, device: to
             f"KVBlock {block.key[:12]} was encoded by model fingerprint {block.fingerprint[:12]}, engine has "
             f"{fingerprint[:12]}; re-encode it with this model (re-run ingest or recompute)"
         )
-    if block.dtype != dtype:
-        raise KVBlockMismatchError(f"KVBlock {block.key[:12]} has dtype {block.dtype}, engine expects {dtype}")
+    if block.dtype != dtype and not block.quantized:
+        raise KVBlockMismatchError(
+            f"KVBlock {block.key[:12]} has dtype {block.dtype}, engine expects {dtype} (or fp8 with scales)")
     from blockrag.assemble import same_device
 
     if block.device.type != "cpu" and not same_device(block.device, device):

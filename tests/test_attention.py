@@ -89,3 +89,21 @@ def test_concurrent_requests_keep_the_fast_attention_until_the_last_one_ends(mak
     for logits in results:
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     assert engine.model.config._attn_implementation == before
+
+
+def test_fp8_blocks_are_dequantised_on_assembly(make_engine):
+    import dataclasses
+
+    engine = make_engine("qwen2")
+    passages = ["Paris is the capital of France.", "The fox jumps over the lazy dog, twice."]
+    blocks = engine.encode(passages)
+    fp8 = [b.quantize() for b in blocks]
+    assert all(b.quantized and b.keys.dtype == torch.float8_e4m3fn for b in fp8)
+    assert fp8[0].nbytes < 0.3 * blocks[0].nbytes  # fp32 model: a quarter of the bytes plus scales
+    by_hand = [dataclasses.replace(b.dequantize(torch.float32)) for b in fp8]
+    a = engine.prefill(fp8, "Capital?")
+    b = engine.prefill(by_hand, "Capital?")
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-6, rtol=0)
+    exact = engine.prefill(blocks, "Capital?").logits
+    error = (a.logits - exact).abs().max()
+    assert 0 < error < 0.1 * exact.abs().max()  # fp8 changes the logits a little, not a lot

@@ -55,6 +55,21 @@ def test_gather_rotate_and_host_path_equal_eager(dtype, atol, rotary_dim, head_d
     host_k, host_v = _filled(cache)
     torch.testing.assert_close(host_k, eager_k, atol=atol, rtol=0)
     assert torch.equal(host_v, eager_v)
+    # fp8 blocks (mixed with plain ones): the kernel dequantises on the way, on both GPU paths.
+    mixed = [b.quantize() if i % 2 else b for i, b in enumerate(blocks)]
+    ref_k, ref_v = _filled(assemble_cache(mixed, spec, None, CUDA, reencode=reencode, path="eager", dtype=dtype)[0])
+    fp8_k, fp8_v = _filled(assemble_cache(mixed, spec, None, CUDA, reencode=reencode, path="gpu", dtype=dtype)[0])
+    torch.testing.assert_close(fp8_k, ref_k, atol=atol, rtol=0)
+    torch.testing.assert_close(fp8_v, ref_v, atol=atol, rtol=0)
+    mixed_host = [b.to("cpu") for b in mixed]
+    cache, _ = assemble_cache(mixed_host, spec, None, CUDA, reencode=reencode, path="host", dtype=dtype)
+    for layer in cache.layers:
+        layer._before_use()
+        layer._before_use = None
+    fp8_host_k, fp8_host_v = _filled(cache)
+    torch.testing.assert_close(fp8_host_k, ref_k, atol=atol, rtol=0)
+    torch.testing.assert_close(fp8_host_v, ref_v, atol=atol, rtol=0)
+    assert (ref_v.float() - eager_v.float()).abs().max() > 0  # negative control: fp8 did change the values
     if reencode:  # negative control: the rotation really happened
         unrotated = torch.cat([b.keys for b in blocks], dim=2)
         assert (gpu_k.float() - unrotated.float()).abs().max() > 0.1
