@@ -9,6 +9,7 @@ llama3 rope scaling), random bf16 weights, passages of ~512 tokens, a ~64-token 
   block-host      block mode, KV in pinned host memory (layer-wise pipelined copies)
   block-host-fp8  the same with fp8 (e4m3) KV and per-(layer, head) scales, dequantised while gathering
   block-graph     block-gpu with the final-block forward replayed from a CUDA graph (cuda_graphs=...)
+  block-graph-host-fp8  fp8 blocks from pinned host memory: one copy to the device, then the graph path
   floor           (weights + KV bytes) / measured device bandwidth (host: KV bytes / measured H2D bandwidth);
                   device bandwidth = a large device-to-device copy's (read + write) bytes per second
 CPU (--cpu or no CUDA): Qwen2.5-0.5B shape, fp32, totals 1K/2K/4K, full vs block.
@@ -182,6 +183,8 @@ def run_gpu(args) -> dict:
         fp8_logits = fast.prefill(host_fp8, question).logits
         graph_call = functools.partial(graphed.prefill, gpu_blocks, question)
         row["block_graph_ms"] = 1e3 * median_time(graph_call, args.repeats)
+        row["block_graph_host_fp8_ms"] = 1e3 * median_time(functools.partial(graphed.prefill, host_fp8, question),
+                                                           args.repeats)
         reference = fast.prefill(gpu_blocks, question).logits
         row["graph_vs_fast_max_abs_logit_diff"] = float((graphed.prefill(gpu_blocks, question).logits
                                                          - reference).abs().max())

@@ -406,12 +406,17 @@ class BlockEngine:
 
         The static buffer serves one request at a time: ``release`` frees it once decoding is done.
         """
-        if self.graphs is None or not blocks or fast_path(blocks, self.device) != "gpu":
+        path = fast_path(blocks, self.device) if self.graphs is not None and blocks else "eager"
+        if path == "eager":
             return None
         bucket = self.graphs.bucket(sum(b.num_tokens for b in blocks), len(final_ids))
         if bucket is None or not self.graphs.lock.acquire(blocking=False):
             return None
         try:
+            if path == "host":
+                # NOTE: copied whole, in stream order, before the replay: a graph cannot wait on per-layer
+                # copies, and with fp8 blocks the transfer is short enough that this beats pipelining.
+                blocks = [b.to(self.device, non_blocking=True) for b in blocks]
             with self._attention():
                 logits, cache = self.graphs.prefill(blocks, final_ids, self.rope, reencode, bucket)
         except BaseException:

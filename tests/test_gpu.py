@@ -59,16 +59,18 @@ def test_gather_rotate_and_host_path_equal_eager(dtype, atol, rotary_dim, head_d
     mixed = [b.quantize() if i % 2 else b for i, b in enumerate(blocks)]
     ref_k, ref_v = _filled(assemble_cache(mixed, spec, None, CUDA, reencode=reencode, path="eager", dtype=dtype)[0])
     fp8_k, fp8_v = _filled(assemble_cache(mixed, spec, None, CUDA, reencode=reencode, path="gpu", dtype=dtype)[0])
-    torch.testing.assert_close(fp8_k, ref_k, atol=atol, rtol=0)
-    torch.testing.assert_close(fp8_v, ref_v, atol=atol, rtol=0)
+    # NOTE: the eager reference rounds to bf16 after dequantising and again after rotating: 1 ulp apart.
+    rtol = 0 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(fp8_k, ref_k, atol=atol, rtol=rtol)
+    torch.testing.assert_close(fp8_v, ref_v, atol=atol, rtol=rtol)
     mixed_host = [b.to("cpu") for b in mixed]
     cache, _ = assemble_cache(mixed_host, spec, None, CUDA, reencode=reencode, path="host", dtype=dtype)
     for layer in cache.layers:
         layer._before_use()
         layer._before_use = None
     fp8_host_k, fp8_host_v = _filled(cache)
-    torch.testing.assert_close(fp8_host_k, ref_k, atol=atol, rtol=0)
-    torch.testing.assert_close(fp8_host_v, ref_v, atol=atol, rtol=0)
+    torch.testing.assert_close(fp8_host_k, ref_k, atol=atol, rtol=rtol)
+    torch.testing.assert_close(fp8_host_v, ref_v, atol=atol, rtol=rtol)
     assert (ref_v.float() - eager_v.float()).abs().max() > 0  # negative control: fp8 did change the values
     if reencode:  # negative control: the rotation really happened
         unrotated = torch.cat([b.keys for b in blocks], dim=2)
@@ -138,6 +140,13 @@ def test_cuda_graph_prefill_matches_the_eager_fast_path(tokenizer):
     ga = graphed.generate(passages[:6], "Which?", max_new_tokens=10)
     gb = eager.generate(passages[:6], "Which?", max_new_tokens=10)
     assert ga.token_ids[:3] == gb.token_ids[:3]
+    # Host-resident (pinned) and fp8 blocks replay the same graphs after one copy to the device.
+    host = [b.to("cpu") for b in graphed.encode(passages[:5])]
+    host = [dataclasses.replace(b, keys=b.keys.pin_memory(), values=b.values.pin_memory()) for b in host]
+    from_host = graphed.prefill(host, "Which?")
+    torch.testing.assert_close(from_host.logits, eager.prefill(passages[:5], "Which?").logits, atol=tol, rtol=0)
+    fp8 = graphed.prefill([b.quantize() for b in host], "Which?")
+    assert (fp8.logits - from_host.logits).abs().max() < 0.25 * from_host.logits.abs().max()
     # Busy buffer: a second request falls back to the eager path instead of waiting.
     assert graphed.graphs.lock.acquire(blocking=False)
     try:
