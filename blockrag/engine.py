@@ -32,6 +32,9 @@ from blockrag.template import BlockTemplate, Passage, get_template
 Mode = Literal["block", "full"]
 PassageLike = str | Passage | KVBlock
 
+_SHARED: dict[tuple, BlockEngine] = {}
+_SHARED_LOCK = threading.Lock()
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -221,6 +224,22 @@ class BlockEngine:
                                                      attn_implementation=attn_implementation)
         return cls(model.to(device), tokenizer, template=template, **engine_kwargs)
 
+    @classmethod
+    def shared(cls, name_or_path: str, *, device: str | None = None, dtype: str | None = None,
+               template: str = "chat") -> BlockEngine:
+        """The process-wide engine for a model name or local path, loaded on first use.
+
+        Framework components are constructed often (per chain, per call, per test); they share one
+        engine per (model, device, dtype, template) instead of loading weights each time.
+        """
+        key = (name_or_path, device, dtype, template)
+        with _SHARED_LOCK:
+            engine = _SHARED.get(key)
+            if engine is None:
+                engine = cls.from_pretrained(name_or_path, device=device, dtype=dtype, template=template)
+                _SHARED[key] = engine
+        return engine
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -268,6 +287,33 @@ class BlockEngine:
 
     def key_of(self, token_ids: Sequence[int]) -> str:
         return block_key(self.fingerprint, self.template.version, token_ids)
+
+    def stored_blocks(self, keys: Sequence[str]) -> list[KVBlock]:
+        """Blocks of this model from the store, by content key.
+
+        Raises:
+            InvalidInputError: a key the store does not hold (or holds only for another model).
+        """
+        blocks = []
+        for key, block in zip(keys, self.store.get_many(list(keys))):
+            if block is None or block.fingerprint != self.fingerprint:
+                raise InvalidInputError(
+                    f"expected block key {key[:16]}... in the engine's store, found none for this model; pass the "
+                    "passage text instead (it is encoded and cached on first use)")
+            blocks.append(block)
+        return blocks
+
+    def passage_or_block(self, text: str, title: str | None = None, key: str | None = None) -> Passage | KVBlock:
+        """The stored block under ``key`` when the store holds one for this model, else the passage itself.
+
+        Text is always a correct fallback: blocks are keyed by content, so the same rendering is served
+        from the store (or encoded once) either way; the key also covers blocks rendered differently.
+        """
+        if key:
+            block = self.store.get(key)
+            if block is not None and block.fingerprint == self.fingerprint:
+                return block
+        return Passage(text=text, title=title or None)
 
     def encode(self, passages: Sequence[str | Passage]) -> list[KVBlock]:
         """KVBlocks of passages: from the store, or encoded (batched) and stored. Empty passages are refused."""

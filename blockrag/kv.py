@@ -16,9 +16,11 @@ from torch import Tensor, nn
 
 from blockrag.errors import KVBlockMismatchError
 
-# Config fields that name files or versions rather than the computation.
+# Config fields that name files, classes or versions rather than the computation ("architectures" is only
+# written by save_pretrained, so a saved and reloaded model would otherwise look like another model).
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "torch_dtype",
-                         "dtype", "_attn_implementation", "_attn_implementation_autoset", "use_cache"}
+                         "dtype", "_attn_implementation", "_attn_implementation_autoset", "use_cache",
+                         "architectures"}
 
 
 def block_key(fingerprint: str, template_version: str, token_ids: Sequence[int]) -> str:

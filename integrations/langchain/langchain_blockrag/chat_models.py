@@ -37,7 +37,7 @@ from pydantic import ConfigDict, Field
 
 from blockrag import BlockEngine, Generation, KVBlock, Passage, Usage
 from blockrag.errors import InvalidInputError
-from langchain_blockrag._runtime import BLOCK_KEY, iterate_in_thread, load_engine, passage_input
+from langchain_blockrag._runtime import BLOCK_KEY, iterate_in_thread
 
 _CALL_KWARGS = frozenset({"model", "mode", "max_tokens", "temperature", "top_p", "top_k", "seed"})
 
@@ -86,7 +86,7 @@ def to_engine_request(messages: Sequence[BaseMessage], engine: BlockEngine) -> E
                         f"only {sorted(k for k in block if k in ('url', 'base64', 'file_id'))}; load the text first"
                     )
                 extras = block.get("extras") or {}
-                passages.append(passage_input(engine, block["text"], block.get("title"), extras.get(BLOCK_KEY)))
+                passages.append(engine.passage_or_block(block["text"], block.get("title"), extras.get(BLOCK_KEY)))
             elif isinstance(message, AIMessage):
                 continue  # NOTE: reasoning and tool-call blocks of earlier answers are not part of a text prompt.
             else:
@@ -207,10 +207,10 @@ class ChatBlockRAG(BaseChatModel):
 
     def _resolve_engine(self, model: str | None) -> BlockEngine:
         if model and model != self.model_name:
-            return load_engine(model, device=self.device, dtype=self.dtype, template=self.template)
+            return BlockEngine.shared(model, device=self.device, dtype=self.dtype, template=self.template)
         if self.engine is not None:
             return self.engine
-        return load_engine(self.model_name, device=self.device, dtype=self.dtype, template=self.template)
+        return BlockEngine.shared(self.model_name, device=self.device, dtype=self.dtype, template=self.template)
 
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None,
                  kwargs: dict[str, Any]) -> tuple[BlockEngine, EngineRequest, dict[str, Any]]:

@@ -33,7 +33,7 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
-from llama_index.llms.blockrag._runtime import blocks_by_key, iterate_in_thread, load_engine
+from llama_index.llms.blockrag._runtime import iterate_in_thread
 
 from blockrag import BlockEngine, Generation, KVBlock, Passage
 from blockrag.errors import InvalidInputError
@@ -93,7 +93,8 @@ class BlockRAGLLM(CustomLLM):
     def engine(self) -> BlockEngine:
         """The engine (loaded on first use when built from `model_name`)."""
         if self._engine is None:
-            self._engine = load_engine(self.model_name, device=self.device, dtype=self.dtype, template=self.template)
+            self._engine = BlockEngine.shared(self.model_name, device=self.device, dtype=self.dtype,
+                                              template=self.template)
         return self._engine
 
     @property
@@ -122,7 +123,7 @@ class BlockRAGLLM(CustomLLM):
         passages = kwargs.get("passages") or []
         if isinstance(passages, (str, Passage, KVBlock)):
             raise InvalidInputError("expected `passages` to be a list, found a single item; wrap it in a list")
-        return [*blocks_by_key(self.engine, kwargs.get("block_keys") or []), *passages]
+        return [*self.engine.stored_blocks(kwargs.get("block_keys") or []), *passages]
 
     def _completion_request(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
         if not formatted:
