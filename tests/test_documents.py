@@ -83,7 +83,8 @@ def test_bad_jsonl_lines_are_skipped_with_their_line_number(tmp_path):
     warnings: list[str] = []
     docs = list(load_paths(tmp_path / "d.jsonl", warnings=warnings))
     assert [d.text for d in docs] == ["alpha", "no id"]
-    assert docs[1].id is None and docs[1].doc_id.startswith("sha256:") and docs[1].metadata == {"extra": [1, {"x": None}]}
+    assert docs[1].id is None and docs[1].doc_id.startswith("sha256:")
+    assert docs[1].metadata == {"extra": [1, {"x": None}]}
     assert [w.split(": ")[0].rsplit(":", 1)[1] for w in warnings] == ["2", "3", "4", "5"]
 
 

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 import torch
+from kb_helpers import torch_threads
 
 from blockrag import InvalidInputError, KVBlock, KVBlockMismatchError
 from blockrag.store import (
@@ -28,6 +29,12 @@ from blockrag.store import (
 from blockrag.store import atomic as atomic_module
 from blockrag.store.atomic import TEMP_PREFIX, atomic_write
 from blockrag.store.disk import decode_block, encode_block
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
 
 PASSAGE = "Block attention caches each passage on its own; 東京は日本の首都です 🚀."
 
