@@ -194,7 +194,8 @@ def _ingest(args) -> int:
         print(f"error: expected --model to create a new knowledge base at {path}, found none", file=sys.stderr)
         return 2
     if exists:
-        kb = KnowledgeBase.open(path, engine, args.embedder, on_mismatch=args.on_mismatch, strict=args.strict)
+        kb = KnowledgeBase.open(path, engine, args.embedder, on_mismatch=args.on_mismatch, strict=args.strict,
+                                model_name=model)
     else:
         kb = KnowledgeBase.create(path, engine, args.embedder, model_name=model, chunk_tokens=args.chunk_tokens,
                                   chunk_overlap=args.chunk_overlap, index=args.index, fp8=args.fp8, strict=args.strict)
@@ -247,7 +248,7 @@ def _ask(args) -> int:
         return 2
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed)
-    with KnowledgeBase.open(path, engine, on_mismatch=args.on_mismatch, strict=args.strict) as kb:
+    with KnowledgeBase.open(path, engine, on_mismatch=args.on_mismatch, strict=args.strict, model_name=model) as kb:
         if args.stream and not args.json:
             hits, stream = kb.stream(args.question, k=args.k, mode=args.mode, **options)
             for delta in stream:

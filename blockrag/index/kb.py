@@ -152,6 +152,15 @@ class _Pending:
     passages: list[dict[str, Any]]
 
 
+def _model_record(meta: dict[str, str]) -> dict[str, Any]:
+    return {"name": meta.get("model"), "fingerprint": meta.get("fingerprint"), "template": meta.get("template"),
+            "template_version": meta.get("template_version"), "kv_dtype": meta.get("kv_dtype")}
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    atomic_write(path / MANIFEST, json.dumps(manifest, indent=2).encode(), tmp_dir=path / TMP_DIR)
+
+
 def _check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidInputError(f"expected k to be an int >= 1, found {k!r}")
@@ -253,9 +262,10 @@ class KnowledgeBase:
             "chunking": {"max_tokens": chunk_tokens, "overlap": chunk_overlap},
             "index": {"kind": index},
             "kv": {"fp8": bool(fp8)},
+            "model": _model_record(docstore.meta()),
         }
         # NOTE: the manifest is written last: a directory without one is not (yet) a knowledge base.
-        atomic_write(path / MANIFEST, json.dumps(manifest, indent=2).encode(), tmp_dir=path / TMP_DIR)
+        _write_manifest(path, manifest)
         kb = cls(path, manifest, docstore, embedder, strict=strict, lock_timeout=lock_timeout)
         kb._attach(engine, "refuse")
         return kb
@@ -263,7 +273,7 @@ class KnowledgeBase:
     @classmethod
     def open(cls, path: str | os.PathLike, engine: BlockEngine | None = None,
              embedder: Embedder | str | None = None, *, on_mismatch: str = "recompute", strict: bool = False,
-             lock_timeout: float = 60.0) -> KnowledgeBase:
+             model_name: str | None = None, lock_timeout: float = 60.0) -> KnowledgeBase:
         """Open an existing knowledge base.
 
         Args:
@@ -274,6 +284,7 @@ class KnowledgeBase:
                 (stored blocks are never used; blocks are re-encoded for this model when first needed) or
                 "refuse" (raise KVBlockMismatchError).
             strict: refuse damaged or wrong-model KV files (raise) instead of recomputing them.
+            model_name: how to load ``engine``'s model again, recorded if it replaces the KB's model.
 
         Raises:
             NotAKnowledgeBaseError: no knowledge base at path.
@@ -294,7 +305,7 @@ class KnowledgeBase:
         docstore = Docstore(path / DOCSTORE)
         kb = cls(path, manifest, docstore, embedder, strict=strict, lock_timeout=lock_timeout)
         if engine is not None:
-            kb._attach(engine, on_mismatch)
+            kb._attach(engine, on_mismatch, model_name)
         return kb
 
     @classmethod
@@ -311,9 +322,7 @@ class KnowledgeBase:
             meta = docstore.meta()
         finally:
             docstore.close()
-        model = {"name": meta.get("model"), "fingerprint": meta.get("fingerprint"), "template": meta.get("template"),
-                 "template_version": meta.get("template_version")}
-        return {"manifest": manifest, "model": model}
+        return {"manifest": manifest, "model": _model_record(meta)}
 
     @staticmethod
     def _read_manifest(path: Path) -> dict[str, Any]:
@@ -340,7 +349,7 @@ class KnowledgeBase:
                                      f"{manifest.get('format_version')!r} at {path}; use a matching blockrag version")
         return manifest
 
-    def _attach(self, engine: BlockEngine, on_mismatch: str) -> None:
+    def _attach(self, engine: BlockEngine, on_mismatch: str, model_name: str | None = None) -> None:
         """Use ``engine`` for this KB; handle a model or template other than the one the KV was built with."""
         meta = self.docstore.meta()
         built = (meta.get("fingerprint"), meta.get("template_version"))
@@ -362,22 +371,26 @@ class KnowledgeBase:
         front = engine.store if isinstance(engine.store, MemoryKVStore) else MemoryKVStore()
         engine.store = TieredKVStore(front, self.kv, tolerate_write_errors=True)
         if built != (engine.fingerprint, engine.template.version):
-            self._rekey()
+            self._rekey(model_name)
 
-    def _rekey(self) -> None:
+    def _rekey(self, model_name: str | None) -> None:
         """Point every passage at its block key for the current engine (blocks are encoded lazily)."""
         engine = self._require_engine("re-key passages")
-        with self._writing(), self.docstore.transaction() as tx:
-            for row in self.docstore.iter_passages():
-                ids = engine.block_ids(Passage(row["text"], row["title"]))
-                tx.set_block(row["vec_id"], engine.key_of(ids), len(ids))
-            tx.set_meta("fingerprint", engine.fingerprint)
-            tx.set_meta("template_version", engine.template.version)
-            tx.set_meta("template", engine.template.name)
-            tx.set_meta("model", engine.model_name)
-            tx.set_meta("kv_dtype", str(engine.dtype).removeprefix("torch."))
-            tx.set_meta("prefix_block_key", "")
-            tx.bump_version()
+        with self._writing():
+            with self.docstore.transaction() as tx:
+                for row in self.docstore.iter_passages():
+                    ids = engine.block_ids(Passage(row["text"], row["title"]))
+                    tx.set_block(row["vec_id"], engine.key_of(ids), len(ids))
+                tx.set_meta("fingerprint", engine.fingerprint)
+                tx.set_meta("template_version", engine.template.version)
+                tx.set_meta("template", engine.template.name)
+                tx.set_meta("model", model_name or engine.model_name)
+                tx.set_meta("kv_dtype", str(engine.dtype).removeprefix("torch."))
+                tx.set_meta("prefix_block_key", "")
+                tx.bump_version()
+            # NOTE: the docstore is authoritative; the manifest mirrors it for people reading the directory.
+            self.manifest["model"] = _model_record(self.docstore.meta())
+            _write_manifest(self.path, self.manifest)
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -850,13 +863,11 @@ class KnowledgeBase:
             "blocks_missing": len(referenced - on_disk),
             "orphan_blocks": len(on_disk - referenced - pinned),
             "kv_fp8": self.manifest["kv"]["fp8"],
-            "kv_dtype": meta.get("kv_dtype"),
             "vectors": vectors,
             "index": self.manifest["index"]["kind"],
             "embedder": dict(self.manifest["embedder"]),
             "chunking": dict(self.manifest["chunking"]),
-            "model": {"name": meta.get("model"), "fingerprint": meta.get("fingerprint"),
-                      "template": meta.get("template"), "template_version": meta.get("template_version")},
+            "model": _model_record(meta),
             "kv_discarded": dict(self.kv.discarded),
         }
 

@@ -1,0 +1,193 @@
+"""The blockrag command line: ingest in one process, ask in another; maintenance commands; errors; extensions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from kb_helpers import CORPUS, questions, torch_threads
+
+from blockrag import cli
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    with torch_threads(1):
+        yield
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def kb_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "kb"
+    code = cli.main(["ingest", str(CORPUS), "--kb", str(path), "--model", "tiny-random", "--chunk-tokens", "128",
+                     "--chunk-overlap", "16", "--no-progress"])
+    assert code == 0
+    return path
+
+
+def all_actions(parser: argparse.ArgumentParser, prefix: str = ""):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from all_actions(sub, f"{prefix}{name} ")
+        else:
+            yield prefix, action
+
+
+def test_every_option_has_help_text(capsys):
+    parser, _ = cli.build_parser(["ask"])
+    actions = list(all_actions(parser))
+    assert len(actions) > 40
+    for where, action in actions:
+        assert action.help and action.help != argparse.SUPPRESS, f"no help for {where}{action.dest}"
+    for argv in (["--help"], ["ingest", "--help"], ["ask", "--help"], ["kb", "stats", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "COMMAND" in out and "--chunk-tokens" in out and "--stream" in out and "--verify" in out
+
+
+def test_ingest_reports_and_warns_about_the_tiny_model(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "ingest", CORPUS / "duck.txt", CORPUS / "facts.jsonl", "--kb", tmp_path / "kb",
+                             "--model", "tiny-random", "--no-progress", "--json")
+    assert code == 0
+    assert "tiny random model" in err and "answers are noise" in err
+    result = json.loads(out)
+    assert result["report"]["documents_added"] == 4 and result["stats"]["model"]["name"] == "tiny-random"
+    code, out, err = run_cli(capsys, "ingest", CORPUS / "duck.txt", "--kb", tmp_path / "kb", "--no-progress")
+    assert code == 0 and "0 added, 0 updated, 1 skipped" in out  # model taken from the knowledge base
+
+
+def test_ask_in_a_new_process_uses_the_stored_blocks(kb_dir):
+    q = questions()[5]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "blockrag.cli", "ask", q["question"], "--kb", str(kb_dir), "--k", "3",
+                           "--max-new-tokens", "4", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["model"] == "tiny-random" and "answers are noise" in proc.stderr
+    # The new process rebuilt the same tiny model (same fingerprint), so every context block came from disk.
+    assert result["usage"]["encoded_tokens"] == 0 and result["usage"]["cached_tokens"] > 0
+    assert result["sources"][0]["doc_id"] == q["doc_id"] and q["answer"] in result["sources"][0]["text"]
+    assert result["usage"]["ttft_s"] > 0 and result["usage"]["generated_tokens"] <= 4
+
+
+def test_ask_prints_answer_sources_and_usage(kb_dir, capsys):
+    code, out, _ = run_cli(capsys, "ask", questions()[0]["question"], "--kb", kb_dir, "--k", "2",
+                           "--max-new-tokens", "3", "--stream")
+    assert code == 0
+    assert "sources:\n  [1] " in out and "observatory.md" in out
+    usage = out.strip().splitlines()[-1]
+    assert usage.startswith("usage: TTFT ") and "mode block" in usage and "0 encoded now" in usage
+    code, out, _ = run_cli(capsys, "ask", "What is Velorin?", "--kb", kb_dir, "--mode", "full", "--json",
+                           "--max-new-tokens", "2")
+    usage = json.loads(out)["usage"]
+    assert code == 0 and usage["cached_tokens"] == 0 and usage["prefilled_tokens"] > 100
+
+
+def test_kb_stats_list_delete_and_gc(kb_dir, tmp_path, capsys):
+    path = tmp_path / "kb"
+    import shutil
+
+    shutil.copytree(kb_dir, path)
+    code, out, _ = run_cli(capsys, "kb", "stats", "--kb", path, "--verify", "--json")
+    stats = json.loads(out)
+    assert code == 0 and stats["documents"] == 11 and stats["verify"]["ok"]
+    code, out, _ = run_cli(capsys, "kb", "stats", "--kb", path)
+    assert code == 0 and "passages: " in out and "kv_bytes: " in out
+    code, out, _ = run_cli(capsys, "kb", "list", "--kb", path)
+    ids = out.split()
+    assert code == 0 and "dunmore" in ids and len(ids) == 11
+    code, out, err = run_cli(capsys, "kb", "delete", "dunmore", "nope", "--kb", path)
+    assert code == 1 and "deleted 1 documents" in out and "no document with id 'nope'" in err
+    (path / "kv" / "ab").mkdir(exist_ok=True)
+    orphan = path / "kv" / "ab" / ("ab" + "0" * 62 + ".safetensors")
+    orphan.write_bytes(b"left by a crash")
+    code, out, _ = run_cli(capsys, "kb", "gc", "--kb", path)
+    assert code == 0 and "deleted 1 unreferenced KV files" in out and not orphan.exists()
+    code, out, _ = run_cli(capsys, "kb", "stats", "--kb", path, "--json")
+    assert json.loads(out)["documents"] == 10
+
+
+def test_strict_refuses_a_damaged_block_and_default_recomputes_it(kb_dir, tmp_path, capsys, caplog):
+    import shutil
+
+    path = tmp_path / "kb"
+    shutil.copytree(kb_dir, path)
+    question = questions()[2]["question"]
+    code, out, _ = run_cli(capsys, "ask", question, "--kb", path, "--k", "1", "--json", "--max-new-tokens", "1")
+    hit = json.loads(out)["sources"][0]
+    file = path / "kv" / hit["block_key"][:2] / f"{hit['block_key']}.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 1
+    file.write_bytes(bytes(data))
+    code, out, err = run_cli(capsys, "ask", question, "--kb", path, "--k", "1", "--strict", "--max-new-tokens", "1")
+    assert code == 1 and "error: " in err and "checksum" in err and "strict" in err
+    code, out, err = run_cli(capsys, "ask", question, "--kb", path, "--k", "1", "--json", "--max-new-tokens", "1")
+    assert code == 0 and json.loads(out)["usage"]["encoded_tokens"] == hit["token_count"]
+    assert "discarding KV file" in caplog.text  # logged as a warning (stderr outside pytest)
+
+
+def test_clear_errors(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    code, _, err = run_cli(capsys, "ask", "Why?", "--kb", tmp_path / "plain")
+    assert code == 1 and "expected a knowledge base at" in err and "no manifest" in err
+    code, _, err = run_cli(capsys, "kb", "stats", "--kb", tmp_path / "missing")
+    assert code == 1 and "found nothing" in err
+    code, _, err = run_cli(capsys, "ingest", tmp_path / "nope.txt", "--kb", tmp_path / "kb", "--model", "tiny-random")
+    assert code == 1 and "found nothing at" in err
+    (tmp_path / "doc.txt").write_text("Some text.")
+    code, _, err = run_cli(capsys, "ingest", tmp_path / "doc.txt", "--kb", tmp_path / "kb")
+    assert code == 2 and "expected --model" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "ingest", tmp_path / "empty", "--kb", tmp_path / "kb2", "--model", "tiny-random",
+                           "--no-progress")
+    assert code == 1 and "no files matching" in err and "found none" in err
+    code, _, err = run_cli(capsys, "ask", "Anything?", "--kb", tmp_path / "kb2")
+    assert code == 1 and "empty knowledge base" in err
+    code, _, err = run_cli(capsys, "ask", "Anything?", "--kb", tmp_path / "kb2", "--k", "0")
+    assert code == 1 and "k to be an int >= 1" in err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["ask", "x", "--kb", str(tmp_path), "--mode", "fast"])
+    assert info.value.code == 2
+
+
+def test_extension_commands_register_only_if_their_module_exists(tmp_path, monkeypatch, capsys):
+    package = tmp_path / "blockrag_ext_demo"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "cli.py").write_text(textwrap.dedent("""
+        def add_parser(subparsers):
+            parser = subparsers.add_parser("demo", help="a demo extension command")
+            parser.add_argument("--times", type=int, default=1, help="how often")
+            return parser
+
+        def run(args):
+            print("demo ran", args.times)
+            return 3
+    """))
+    (package / "broken.py").write_text("import a_dependency_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "EXTENSIONS", (("blockrag_ext_demo.cli", "demo"), ("blockrag.not_written_yet.cli", "x"),
+                                            ("blockrag_ext_demo.absent", "y")))
+    code, out, _ = run_cli(capsys, "demo", "--times", "2")
+    assert (code, out.strip()) == (3, "demo ran 2")
+    parser, runners = cli.build_parser([])
+    assert set(runners) == {"demo"}  # the absent modules were skipped silently
+    parser, runners = cli.build_parser(["ask"])
+    assert runners == {}  # not imported when one of blockrag's own commands was asked for
+    monkeypatch.setattr(cli, "EXTENSIONS", (("blockrag_ext_demo.broken", "broken"),))
+    with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_not_installed"):
+        cli.build_parser([])  # a module that exists but fails to import is not hidden
