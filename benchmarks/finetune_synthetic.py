@@ -55,6 +55,7 @@ class Preset:
     heads: int
     passages: int
     entities: int
+    questions: int
     batch: int
     pretrain_steps: int
     pretrain_lr: float
@@ -71,11 +72,11 @@ class Preset:
 
 PRESETS = {
     # 2 CPU cores, minutes: a small model, 4 passages.
-    "cpu": Preset(hidden=64, layers=4, heads=4, passages=4, entities=32, batch=16, pretrain_steps=600,
+    "cpu": Preset(hidden=64, layers=4, heads=4, passages=4, entities=32, questions=16, batch=16, pretrain_steps=600,
                   pretrain_lr=3e-3, ft_steps=60, ft_batch=16, ft_lr=3e-4, eval_examples=150, engine_examples=20,
                   curve_every=100, workers=0, attn="eager", bf16=False),
     # One H100, a few minutes per variant.
-    "gpu": Preset(hidden=256, layers=4, heads=4, passages=8, entities=64, batch=256, pretrain_steps=4000,
+    "gpu": Preset(hidden=256, layers=4, heads=4, passages=8, entities=64, questions=16, batch=256, pretrain_steps=4000,
                   pretrain_lr=1e-3, ft_steps=400, ft_batch=128, ft_lr=2e-4, eval_examples=1000,
                   engine_examples=100, curve_every=500, workers=4, attn="sdpa", bf16=True),
 }
@@ -164,7 +165,7 @@ def run(args) -> dict:
                                    ("pretrain_steps", args.pretrain_steps), ("ft_steps", args.ft_steps),
                                    ("pretrain_lr", args.pretrain_lr), ("ft_lr", args.ft_lr),
                                    ("batch", args.batch), ("ft_batch", args.ft_batch), ("workers", args.workers),
-                                   ("heads", args.heads),
+                                   ("heads", args.heads), ("questions", args.questions),
                                    ("passages", args.passages), ("eval_examples", args.eval_examples))
                  if v is not None}
     preset = dataclasses.replace(preset, **overrides)
@@ -198,7 +199,8 @@ def run(args) -> dict:
         model = AutoModelForCausalLM.from_pretrained(args.init, attn_implementation=preset.attn).to(device)
         results["init"] = str(args.init)
     else:
-        task_config = TaskConfig(entities=preset.entities, passages=preset.passages, seed=args.seed)
+        task_config = TaskConfig(entities=preset.entities, passages=preset.passages, questions=preset.questions,
+                                 style=args.style, seed=args.seed)
         tokenizer = build_tokenizer(task_config)
         model = new_model(tokenizer, preset.hidden, preset.layers, preset.heads, seed=args.seed,
                           attn_implementation=preset.attn).to(device)
@@ -309,6 +311,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the task, the model and the data order")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--init", default=None, help="start from this pretrained model directory (skips step 1)")
+    parser.add_argument("--style", choices=("lookup", "triples"), default="lookup", help="task style (TaskConfig)")
     parser.add_argument("--no-control", action="store_true", help="skip the full-copies-only control")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-clock budget: size pretraining steps (at most the preset's) to fit it")
@@ -316,7 +319,8 @@ def main(argv=None) -> int:
                         help="seconds of the budget kept for evaluation, engine checks and saving")
     for name, kind in (("hidden", int), ("layers", int), ("pretrain-steps", int), ("ft-steps", int),
                        ("pretrain-lr", float), ("ft-lr", float), ("passages", int), ("eval-examples", int),
-                       ("batch", int), ("ft-batch", int), ("workers", int), ("heads", int)):
+                       ("batch", int), ("ft-batch", int), ("workers", int), ("heads", int),
+                       ("questions", int)):
         parser.add_argument(f"--{name}", type=kind, default=None, help=f"override the preset's {name}")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)

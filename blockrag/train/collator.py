@@ -78,6 +78,9 @@ def make_copy(sample: Sample, mode: CopyMode = "block") -> Copy:
     ids = torch.tensor(list(sample.prompt_ids) + list(sample.response), dtype=torch.long)
     labels = ids.clone()
     labels[: ids.numel() - len(sample.response)] = IGNORE_INDEX
+    if sample.loss_mask is not None:
+        skip = torch.tensor([not keep for keep in sample.loss_mask], dtype=torch.bool)
+        labels[ids.numel() - len(sample.response) :][skip] = IGNORE_INDEX
     if mode == "full":
         # NOTE: with no context blocks, the block mask is the causal mask: one source for both.
         mask = block_attention_mask([], ids.numel())

@@ -77,11 +77,16 @@ class Sample:
         blocks: ids of each context block, in order (block 0 first, with BOS if the template uses one).
         final: ids of the final block (question + assistant header).
         response: ids to learn (answer, then EOS); the loss covers these only.
+        loss_mask: optional, one flag per response id: which of them get loss (None: all).
     """
 
     blocks: tuple[tuple[int, ...], ...]
     final: tuple[int, ...]
     response: tuple[int, ...]
+    loss_mask: tuple[bool, ...] | None = None
+
+    def __post_init__(self) -> None:
+        assert self.loss_mask is None or len(self.loss_mask) == len(self.response), "one loss flag per response id"
 
     @property
     def prompt_ids(self) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ Examples are RAG records rendered with a word-level tokenizer (built with ``toke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Sequence
@@ -45,7 +46,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 RELATION = "friend"
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
-MARKERS = ("context", ":", "query", "=", ";", ".")
+MARKERS = ("context", ":", "query", "=", ";", ".", "one", "two")
+STYLES = ("lookup", "triples")
 TASK_FILE = "synthetic_task.json"
 
 
@@ -59,6 +61,11 @@ class TaskConfig:
         questions: questions per example (the first in the final block, the rest in the response).
         two_hop: probability that a question is 2-hop (needs two passages).
         seed: the task's seed; splits and example indices derive their own streams from it.
+        style: "lookup" (default): every entity has one fact, ``e5 rome .`` or a link ``e17 e42 .``, three
+            entities per passage; questions ``one e5`` -> ``rome`` and ``two e17`` -> ``e42 rome``.
+            "triples": every passage lists all facts of one entity as ``e17 city paris .``; questions
+            ``e17 city`` -> ``paris`` and ``e17 friend city`` -> ``e42 rome``.
+        facts_per_passage: entities (facts) per passage, "lookup" style.
     """
 
     entities: int = 64
@@ -66,6 +73,8 @@ class TaskConfig:
     questions: int = 8
     two_hop: float = 0.5
     seed: int = 0
+    style: str = "lookup"
+    facts_per_passage: int = 3
 
     def save(self, directory: str | Path) -> None:
         (Path(directory) / TASK_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
@@ -90,7 +99,7 @@ class Example:
     def record(self) -> RAGRecord:
         """As a RAG record: the first question in the final block, the answer plus the further QA pairs."""
         first, *rest = self.questions
-        answer = " ; ".join([first.answer] + [f"{q.text} = {q.answer}" for q in rest]) + " ;"
+        answer = " ; ".join([first.answer] + [f"{q.text} {q.answer}" for q in rest]) + " ;"
         return RAGRecord(passages=tuple(Passage(p) for p in self.passages), question=first.text, answer=answer)
 
 
@@ -127,8 +136,8 @@ def build_tokenizer(config: TaskConfig):
 
 
 def template() -> BlockTemplate:
-    """Block 0 'context :', passages as they are, final block 'query {question} ='; BOS on block 0."""
-    return BlockTemplate(prefix="{instruction}", passage="{text}", final="query {question} =",
+    """Block 0 'context :', passages as they are, final block 'query {question}'; BOS on block 0."""
+    return BlockTemplate(prefix="{instruction}", passage="{text}", final="query {question}",
                          instruction="context :", bos=True, name="synthetic")
 
 
@@ -138,8 +147,11 @@ class SyntheticTask:
     SPLITS = ("train", "heldout")
 
     def __init__(self, config: TaskConfig = TaskConfig()) -> None:
-        if config.passages < 2 or config.entities < config.passages or config.questions < 1:
-            raise ValueError(f"expected passages >= 2, entities >= passages and questions >= 1, found {config}")
+        per_passage = config.facts_per_passage if config.style == "lookup" else 1
+        if (config.passages < 2 or config.entities < config.passages * per_passage or config.questions < 1
+                or config.style not in STYLES):
+            raise ValueError(f"expected passages >= 2, entities >= passages x facts per passage, questions >= 1 "
+                             f"and a style in {STYLES}, found {config}")
         self.config = config
         self.names = entity_names(config.entities)
 
@@ -148,6 +160,8 @@ class SyntheticTask:
             raise ValueError(f"expected a split in {self.SPLITS}, found {split!r}")
         rng = random.Random(f"{self.config.seed}:{split}:{index}")
         count = passages if passages is not None else self.config.passages
+        if self.config.style == "lookup":
+            return self._lookup(rng, count)
         people = rng.sample(self.names, count)
         facts = {p: {a: rng.choice(values) for a, values in ATTRIBUTES.items()} for p in people}
         for p in people:
@@ -163,28 +177,78 @@ class SyntheticTask:
             if count > 1 and rng.random() < self.config.two_hop:
                 attribute = rng.choice(list(ATTRIBUTES))
                 bridge = facts[p][RELATION]
-                questions.append(Question(f"{p} {RELATION} {attribute}", f"{bridge} {facts[bridge][attribute]}", 2))
+                text = f"{p} {RELATION} {attribute} ="
+                questions.append(Question(text, f"{bridge} {facts[bridge][attribute]}", 2))
             else:
                 attribute = rng.choice(list(facts[p]) if count > 1 else list(ATTRIBUTES))
-                questions.append(Question(f"{p} {attribute}", facts[p][attribute], 1))
+                questions.append(Question(f"{p} {attribute} =", facts[p][attribute], 1))
+        return Example(passages=tuple(texts), questions=tuple(questions))
+
+    def _lookup(self, rng: random.Random, count: int) -> Example:
+        """One fact per entity; about a third of the entities link to an entity of another passage."""
+        per = self.config.facts_per_passage
+        names = rng.sample(self.names, count * per)
+        passage_of = {name: i // per for i, name in enumerate(names)}
+        links = {n for n in names if count > 1 and rng.random() < 1 / 3}
+        values = [n for n in names if n not in links]
+        if not values:  # NOTE: a link needs an entity with a value to point at.
+            links.discard(names[0])
+            values = [names[0]]
+        fact = {}
+        for n in values:
+            fact[n] = rng.choice(ATTRIBUTES[rng.choice(list(ATTRIBUTES))])
+        for n in sorted(links, key=names.index):
+            targets = [v for v in values if passage_of[v] != passage_of[n]]
+            if targets:
+                fact[n] = rng.choice(targets)
+            else:
+                links.discard(n)
+                fact[n] = rng.choice(ATTRIBUTES[rng.choice(list(ATTRIBUTES))])
+        texts = []
+        for i in range(count):
+            group = names[i * per : (i + 1) * per]
+            rng.shuffle(group)
+            texts.append(" ".join(f"{n} {fact[n]} ." for n in group))
+        questions = []
+        linked = sorted(links, key=names.index)
+        for _ in range(self.config.questions):
+            if linked and rng.random() < self.config.two_hop:
+                n = rng.choice(linked)
+                questions.append(Question(f"two {n}", f"{fact[n]} {fact[fact[n]]}", 2))
+            else:
+                n = rng.choice(names)
+                questions.append(Question(f"one {n}", fact[n], 1))
         return Example(passages=tuple(texts), questions=tuple(questions))
 
     def eval_item(self, example: Example, tokenizer, block_template: BlockTemplate) -> EvalItem:
         sample = render(example.record(), block_template, tokenizer)
-        words = example.record().answer.split()
-        assert len(sample.response) == len(words) + 1, "word-level tokenizer: one token per word, then EOS"
-        spans, position = [], 0
-        for i, q in enumerate(example.questions):
-            if i > 0:
-                position += len(q.text.split()) + 1  # the question and '='
-            length = len(q.answer.split()) + 1  # the answer and ';'
-            spans.append((position, position + length, q.hops))
-            position += length
-        return EvalItem(sample, tuple(spans))
+        assert len(sample.response) == len(example.record().answer.split()) + 1, "one token per word, then EOS"
+        return EvalItem(sample, answer_spans(example))
 
     def eval_items(self, count: int, tokenizer, block_template: BlockTemplate, split: str = "heldout",
                    passages: int | None = None) -> list[EvalItem]:
         return [self.eval_item(self.example(split, i, passages), tokenizer, block_template) for i in range(count)]
+
+
+def answer_spans(example: Example) -> tuple[tuple[int, int, int], ...]:
+    """(start, end, hops) of each answer and its ';' in the response, counted in words (= tokens)."""
+    spans, position = [], 0
+    for i, q in enumerate(example.questions):
+        if i > 0:
+            position += len(q.text.split())
+        length = len(q.answer.split()) + 1
+        spans.append((position, position + length, q.hops))
+        position += length
+    return tuple(spans)
+
+
+def answer_mask(example: Example, length: int) -> tuple[bool, ...]:
+    """Loss flags of a response of ``length`` ids: the answers, their ';' and the final EOS."""
+    mask = [False] * length
+    for start, end, _ in answer_spans(example):
+        mask[start:end] = [True] * (end - start)
+    mask[-1] = True
+    return tuple(mask)
 
 
 @dataclass(frozen=True)
@@ -206,29 +270,39 @@ class Curriculum:
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
-    """``size`` training samples of the task, index order = training order (for the curriculum)."""
+    """``size`` training samples of the task, index order = training order (for the curriculum).
+
+    With ``answers_only`` the loss covers the answers and their ';' only, not the further questions in the
+    response (those are random draws: unpredictable, pure gradient noise).
+    """
 
     def __init__(self, task: SyntheticTask, tokenizer, block_template: BlockTemplate, size: int, *,
-                 split: str = "train", curriculum: Curriculum | None = None, offset: int = 0) -> None:
+                 split: str = "train", curriculum: Curriculum | None = None, offset: int = 0,
+                 answers_only: bool = True) -> None:
         self.task, self.tokenizer, self.template = task, tokenizer, block_template
         self.size, self.split, self.curriculum, self.offset = size, split, curriculum, offset
+        self.answers_only = answers_only
 
     def __len__(self) -> int:
         return self.size
 
-    def record(self, index: int) -> RAGRecord:
+    def example(self, index: int) -> Example:
         passages = None
         if self.curriculum is not None:
             rng = random.Random(f"curriculum:{self.task.config.seed}:{index}")
             passages = self.curriculum.passages(index / self.size, rng, self.task.config.passages)
-        return self.task.example(self.split, self.offset + index, passages).record()
+        return self.task.example(self.split, self.offset + index, passages)
 
     def __getitem__(self, index: int) -> Sample:
-        return render(self.record(index), self.template, self.tokenizer)
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
         """A whole batch at once (the DataLoader uses this): one batched tokenizer call."""
-        return render_many([self.record(i) for i in indices], self.template, self.tokenizer)
+        examples = [self.example(i) for i in indices]
+        samples = render_many([e.record() for e in examples], self.template, self.tokenizer)
+        if not self.answers_only:
+            return samples
+        return [dataclasses.replace(s, loss_mask=answer_mask(e, len(s.response))) for e, s in zip(examples, samples)]
 
 
 def llama_config(vocab_size: int, hidden: int = 256, layers: int = 4, heads: int = 4, max_positions: int = 512,
