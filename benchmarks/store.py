@@ -158,7 +158,7 @@ def bench_ingest(args, embedder: Embedder) -> list[dict]:
         else:
             tokenizer = build_tokenizer()
             model = qwen05b_random(tokenizer)
-            docs = corpus(max(2, args.docs // 8), args.words)
+            docs = corpus(max(2, args.docs // 32), args.words)
         engine = BlockEngine(model, tokenizer, template="chat")
         path = Path(tempfile.mkdtemp(prefix="bench-kb-", dir=args.tmp)) / "kb"
         try:

@@ -495,3 +495,21 @@ def test_ingest_is_timed(tmp_path, make_engine):
         assert report.seconds <= time.perf_counter() - start + 1e-6
         assert report.tokens_encoded == kb.stats()["passage_tokens"]  # every block encoded once
         assert "tokens/s" in str(report)
+
+
+def test_damaged_index_is_rebuilt_and_damaged_docstore_refused(corpus_dir, tmp_path, make_engine, caplog):
+    path = copy_kb(corpus_dir, tmp_path / "kb")
+    (path / "index.faiss").write_bytes(b"\x00" * 100)
+    with caplog.at_level(logging.WARNING, logger="blockrag.index"):
+        with KnowledgeBase.open(path, make_engine("llama")) as kb:
+            q = questions()[6]
+            assert kb.search(q["question"], 1)[0].doc_id == q["doc_id"]
+    assert "rebuilding the vector index from the docstore" in caplog.text
+    (path / "index.faiss").unlink()
+    with KnowledgeBase.open(path) as kb:
+        assert kb.stats()["vectors"] == kb.stats()["passages"]
+    (path / "docstore.sqlite").write_bytes(b"not a database" * 100)
+    for name in ("docstore.sqlite-wal", "docstore.sqlite-shm"):
+        (path / name).unlink(missing_ok=True)
+    with pytest.raises(KnowledgeBaseError, match="expected an SQLite docstore"):
+        KnowledgeBase.open(path)

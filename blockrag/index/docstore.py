@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from blockrag.index.errors import KnowledgeBaseError
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -101,10 +103,26 @@ class Docstore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        with self.transaction() as tx:
-            tx.executescript_safe(_SCHEMA)
-            tx.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            tx.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('version', '0')")
+        try:
+            self._init_schema()
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise KnowledgeBaseError(f"expected an SQLite docstore at {self.path}, found an unreadable file ({e}); "
+                                     "restore it from a backup or rebuild the knowledge base") from e
+
+    def _init_schema(self) -> None:
+        # NOTE: only a new database is written to here: opening an existing one takes no write lock.
+        if self._conn().execute("SELECT 1 FROM sqlite_master WHERE name = 'passages'").fetchone() is None:
+            with self.transaction() as tx:
+                tx.executescript_safe(_SCHEMA)
+                tx.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                           (str(SCHEMA_VERSION),))
+                tx.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('version', '0')")
+        found = self.get_meta("schema_version")
+        if found != str(SCHEMA_VERSION):
+            self.close()
+            raise KnowledgeBaseError(f"expected docstore schema version {SCHEMA_VERSION} in {self.path}, found "
+                                     f"{found!r}; use a matching blockrag version")
 
     # --- connections -----------------------------------------------------------------------------
 

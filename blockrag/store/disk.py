@@ -51,7 +51,7 @@ def _checksum_field(value: str) -> bytes:
     return b'"checksum":' + json.dumps(value).encode()
 
 
-def encode_block(block: KVBlock, fp8: bool = False) -> bytes:
+def encode_block(block: KVBlock, fp8: bool = False) -> bytearray:
     """Serialise a KVBlock to the bytes of one safetensors file (see the module docstring)."""
     if _dtype_name(block.dtype) not in _DTYPES:
         raise InvalidInputError(f"expected KV dtype in {sorted(_DTYPES)}, found {block.dtype}")
@@ -82,10 +82,10 @@ def encode_block(block: KVBlock, fp8: bool = False) -> bytes:
     assert pos >= 0 and data.find(placeholder, pos + 1, header_end) < 0, "checksum placeholder must be unique"
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     data[pos:pos + len(placeholder)] = _checksum_field(digest)
-    return bytes(data)
+    return data
 
 
-def _parse_header(data: bytes) -> tuple[dict, int]:
+def _parse_header(data: bytes | bytearray) -> tuple[dict, int]:
     if len(data) < 8:
         raise CorruptBlockError(f"expected a safetensors file of at least 8 bytes, found {len(data)} bytes")
     size = struct.unpack("<Q", data[:8])[0]
@@ -100,7 +100,7 @@ def _parse_header(data: bytes) -> tuple[dict, int]:
     return header, 8 + size
 
 
-def _verify_checksum(data: bytes, metadata: dict, header_end: int) -> None:
+def _verify_checksum(data: bytes | bytearray, metadata: dict, header_end: int) -> None:
     stated = metadata.get("checksum")
     if not isinstance(stated, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", stated):
         raise CorruptBlockError(f"expected a 'sha256:<64 hex>' checksum in the header, found {stated!r}")
@@ -118,7 +118,7 @@ def _verify_checksum(data: bytes, metadata: dict, header_end: int) -> None:
         raise CorruptBlockError(f"expected checksum {stated[7:19]}…, found {found[7:19]}… (file content changed)")
 
 
-def decode_block(data: bytes, key: str | None = None, fingerprint: str | None = None) -> KVBlock:
+def decode_block(data: bytes | bytearray, key: str | None = None, fingerprint: str | None = None) -> KVBlock:
     """Parse and verify one KV file.
 
     Args:
@@ -147,7 +147,7 @@ def decode_block(data: bytes, key: str | None = None, fingerprint: str | None = 
     if dtype is None:
         raise CorruptBlockError(f"expected a dtype in {sorted(_DTYPES)}, found {meta.get('dtype')!r}")
     try:
-        tensors = st_load(data)
+        tensors = st_load(bytes(data) if isinstance(data, bytearray) else data)
         token_ids = tuple(int(t) for t in json.loads(meta["token_ids"]))
         shapes = (json.loads(meta["shape_keys"]), json.loads(meta["shape_values"]))
     except (SafetensorError, KeyError, TypeError, ValueError) as e:
