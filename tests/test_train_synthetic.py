@@ -1,5 +1,7 @@
 """The synthetic RAG task: deterministic, fresh facts per example, 2-hop questions that need two passages."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from blockrag.train.synthetic import (
 )
 
 TASK = SyntheticTask(TaskConfig(entities=64, passages=8, questions=8, seed=3))
+TRIPLES = SyntheticTask(TaskConfig(entities=64, passages=8, questions=8, seed=3, style="triples"))
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,18 @@ def word_tokenizer():
     return build_tokenizer(TASK.config)
 
 
-def _facts(passages):
+def _lookup_facts(passages):
+    """entity -> (its fact, passage index), from passages like 'e5 rome . e17 e42 .'."""
+    facts = {}
+    for i, text in enumerate(passages):
+        for fact in text.split(" . "):
+            subject, value = fact.strip(" .").split()
+            assert subject not in facts, "one fact per entity"
+            facts[subject] = (value, i)
+    return facts
+
+
+def _triple_facts(passages):
     facts = {}
     for i, text in enumerate(passages):
         for fact in text.split(" . "):
@@ -36,39 +50,58 @@ def _facts(passages):
     return facts
 
 
-def test_examples_are_deterministic_and_draw_fresh_facts():
-    a, b = TASK.example("train", 5), TASK.example("train", 5)
+@pytest.mark.parametrize("task", [TASK, TRIPLES], ids=["lookup", "triples"])
+def test_examples_are_deterministic_and_draw_fresh_facts(task):
+    a, b = task.example("train", 5), task.example("train", 5)
     assert a == b
-    assert TASK.example("train", 6) != a and TASK.example("heldout", 5) != a
-    assert SyntheticTask(TaskConfig(seed=4)).example("train", 5) != SyntheticTask(TaskConfig(seed=3)).example(
-        "train", 5)
-    # The same entity gets other values in other examples: nothing to memorise.
-    cities = {_facts(TASK.example("train", i).passages).get(("e1", "city"), (None,))[0] for i in range(400)}
-    assert len(cities - {None}) > 8
+    assert task.example("train", 6) != a and task.example("heldout", 5) != a
+    other = SyntheticTask(dataclasses.replace(task.config, seed=4))
+    assert other.example("train", 5) != a
+    # The same entity gets other facts in other examples: nothing to memorise.
+    parse = _lookup_facts if task is TASK else (lambda ps: {k[0]: v for k, v in _triple_facts(ps).items()
+                                                           if k[1] == "city"})
+    seen = {parse(task.example("train", i).passages).get("e1", (None,))[0] for i in range(400)}
+    assert len(seen - {None}) > 8
 
 
-def test_heldout_contexts_never_appear_in_training():
-    train = {TASK.example("train", i).passages for i in range(3000)}
-    assert not any(TASK.example("heldout", i).passages in train for i in range(300))
+@pytest.mark.parametrize("task", [TASK, TRIPLES], ids=["lookup", "triples"])
+def test_heldout_contexts_never_appear_in_training(task):
+    train = {task.example("train", i).passages for i in range(3000)}
+    assert not any(task.example("heldout", i).passages in train for i in range(300))
 
 
-def test_every_answer_is_in_the_passages_and_two_hop_needs_two_passages():
+def test_lookup_answers_are_in_the_passages_and_two_hop_needs_two_passages():
     hops = {1: 0, 2: 0}
     for i in range(200):
         example = TASK.example("heldout", i)
-        facts = _facts(example.passages)
-        assert len(example.passages) == 8 and len(example.questions) == 8
+        facts = _lookup_facts(example.passages)
+        assert len(example.passages) == 8 and len(facts) == 24 and len(example.questions) == 8
         for q in example.questions:
             hops[q.hops] += 1
+            marker, entity = q.text.split()
+            if q.hops == 1:
+                assert marker == "one" and facts[entity][0] == q.answer
+            else:
+                bridge, first = facts[entity]
+                value, second = facts[bridge]
+                assert marker == "two" and q.answer == f"{bridge} {value}" and first != second
+                assert value in {v for values in ATTRIBUTES.values() for v in values}
+    assert hops[1] > 500 and hops[2] > 500
+
+
+def test_triples_two_hop_needs_two_passages():
+    for i in range(100):
+        example = TRIPLES.example("heldout", i)
+        facts = _triple_facts(example.passages)
+        for q in example.questions:
             words = q.text.split()
             if q.hops == 1:
                 assert facts[(words[0], words[1])][0] == q.answer
             else:
                 assert words[1] == RELATION and words[2] in ATTRIBUTES
-                bridge, first_passage = facts[(words[0], RELATION)]
-                value, second_passage = facts[(bridge, words[2])]
-                assert q.answer == f"{bridge} {value}" and first_passage != second_passage
-    assert hops[1] > 600 and hops[2] > 600
+                bridge, first = facts[(words[0], RELATION)]
+                value, second = facts[(bridge, words[2])]
+                assert q.answer == f"{bridge} {value}" and first != second
 
 
 def test_word_level_tokenizer_covers_the_task(word_tokenizer):
