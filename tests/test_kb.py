@@ -137,6 +137,7 @@ def test_stats_are_json_safe_and_complete(corpus_kb):
     assert stats["orphan_blocks"] == 0 and stats["blocks_missing"] == 0 and stats["kv_bytes"] > 0
     assert stats["embedder"] == {"id": "sentence-transformers/all-MiniLM-L6-v2", "dim": 384}
     assert stats["model"]["fingerprint"] == corpus_kb.engine.fingerprint
+    assert stats["kv_dtype"] == "float32" and stats["kv_fp8"] is False
     assert corpus_kb.verify(deep=True)["ok"]
 
 

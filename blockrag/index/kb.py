@@ -863,6 +863,7 @@ class KnowledgeBase:
             "blocks_missing": len(referenced - on_disk),
             "orphan_blocks": len(on_disk - referenced - pinned),
             "kv_fp8": self.manifest["kv"]["fp8"],
+            "kv_dtype": meta.get("kv_dtype"),
             "vectors": vectors,
             "index": self.manifest["index"]["kind"],
             "embedder": dict(self.manifest["embedder"]),
