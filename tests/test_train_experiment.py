@@ -67,7 +67,7 @@ def test_block_finetuning_recovers_block_mode_and_keeps_full_mode(setup, tmp_pat
     control = _load()
     _finetune(control, tokenizer, task, CopyRatio(0, 1), tmp_path / "full")
     controlled = _accuracy(control, items, tokenizer)
-    assert controlled["full"] >= 99.0 and controlled["block"] <= before["full"] - 15, controlled
+    assert controlled["full"] >= 99.0 and controlled["block"] <= before["full"] - 15, controlled  # 99.8 / 71.0
 
 
 def test_teacher_forced_scoring_equals_engine_generation(setup):

@@ -1,20 +1,22 @@
 """A synthetic RAG task, deterministic from a seed, to measure what block fine-tuning recovers.
 
 Each example draws its facts afresh, so answers exist only in the passages (a model cannot memorise them).
-A passage states every fact about one invented entity, in random order::
+Default style, "lookup": every entity of an example has one fact, three entities per passage::
 
-    e17 job baker . e17 friend e42 . e17 city paris . e17 color red .
+    e5 rome . e17 e42 . e9 red .
 
-Attribute values come from closed vocabularies; ``friend`` links to another entity of the same example.
-Questions are single-hop (``e17 city`` -> ``paris``; ``e17 friend`` -> ``e42``) or 2-hop
-(``e17 friend city`` -> ``e42 rome``: the bridge entity, then its value, which sits in another passage).
-Every other passage is a distractor for a given question.
+Values come from closed vocabularies (cities, colours, jobs); about a third of the entities link to an entity
+of another passage instead. Questions are single-hop (``one e5`` -> ``rome``) or 2-hop (``two e17`` ->
+``e42 rome``: the bridge entity, then its fact, which sits in another passage). Every other passage is a
+distractor. Style "triples" (the first design; small models did not learn it, see the README) lists all facts
+of one entity per passage, ``e17 city paris . e17 friend e42 .``, asked as ``e17 city =`` / ``e17 friend city =``.
 
 The signal is dense: the final block asks one question and the response answers it, then asks and answers
-``questions - 1`` more (``paris ; e3 color = red ; e17 friend city = e42 rome ;``), all in the final segment,
-which attends to every passage in both modes. The first answer is exactly what ``BlockEngine.generate`` (with
-``stop=[";"]``) answers; accuracy counts a question right when every answer token and the closing ``;`` are
-the argmax given the gold prefix, which is the same as greedy generation reproducing the answer.
+``questions - 1`` more (``rome ; two e17 e42 rome ; one e9 red ;``), all in the final segment, which attends to
+every passage in both modes; training puts the loss on the answers only (``SyntheticDataset(answers_only=True)``).
+The first answer is exactly what ``BlockEngine.generate`` (with ``stop=[";"]``) answers; accuracy counts a
+question right when every answer token and the closing ``;`` are the argmax given the gold prefix, which is the
+same as greedy generation reproducing the answer.
 
 Examples are RAG records rendered with a word-level tokenizer (built with ``tokenizers``) and a
 :class:`~blockrag.template.BlockTemplate`, exactly as the engine renders prompts.
