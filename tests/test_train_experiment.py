@@ -18,7 +18,7 @@ from blockrag.train.synthetic import SyntheticDataset, SyntheticTask, TaskConfig
 
 CHECKPOINT = Path(__file__).parent / "data" / "synthetic_lookup"
 EVAL_EXAMPLES = 200  # x 16 questions
-FT_STEPS, FT_BATCH, FT_LR, SEED = 60, 16, 5e-4, 0
+FT_STEPS, FT_BATCH, FT_LR, SEED = 40, 16, 5e-4, 0
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_block_finetuning_recovers_block_mode_and_keeps_full_mode(setup, tmp_pat
 
     _finetune(model, tokenizer, task, CopyRatio(1, 1), tmp_path / "block")
     after = _accuracy(model, items, tokenizer, ("full", "block", "block_no_pos"))
-    # Measured: block 100.0, full 100.0, block w/o position re-encoding 99.25.
+    # Measured: block 99.84, full 99.91, block w/o position re-encoding 98.5.
     assert after["block"] >= before["full"] - 2.0, (before, after)
     assert after["full"] >= before["full"] - 0.5, (before, after)
 
@@ -67,7 +67,7 @@ def test_block_finetuning_recovers_block_mode_and_keeps_full_mode(setup, tmp_pat
     control = _load()
     _finetune(control, tokenizer, task, CopyRatio(0, 1), tmp_path / "full")
     controlled = _accuracy(control, items, tokenizer)
-    assert controlled["full"] >= 99.0 and controlled["block"] <= before["full"] - 15, controlled  # 99.8 / 71.0
+    assert controlled["full"] >= 99.0 and controlled["block"] <= before["full"] - 15, controlled  # 99.75 / 73.3
 
 
 def test_teacher_forced_scoring_equals_engine_generation(setup):
