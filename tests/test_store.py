@@ -332,3 +332,27 @@ def test_concurrent_puts_and_gets_never_see_partial_blocks(tmp_path):
     assert not errors, errors[0]
     assert store.discarded == {"corrupt": 0, "wrong_model": 0}
     assert store.temp_files() == []
+
+
+def test_quantized_blocks_are_stored_as_they_are_and_fp8_can_stay_quantized(tmp_path, engine, block):
+    quantized = block.quantize()
+    plain = DiskKVStore(tmp_path / "plain")
+    plain.put(quantized)
+    got = plain.get(block.key)
+    assert got.quantized and got.keys.dtype == torch.float8_e4m3fn
+    for a, b in [(got.keys, quantized.keys), (got.values, quantized.values), (got.key_scale, quantized.key_scale),
+                 (got.value_scale, quantized.value_scale)]:
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+    # An fp8 store hands blocks out dequantised (default) or quantized; the engine accepts both, same logits.
+    fp8 = DiskKVStore(tmp_path / "fp8", fp8=True)
+    fp8.put(block)
+    loaded = fp8.get(block.key)
+    raw = DiskKVStore(tmp_path / "fp8", fp8=True, dequantize=False).get(block.key)
+    assert not loaded.quantized and loaded.dtype == block.dtype and raw.quantized
+    assert raw.nbytes < loaded.nbytes / 3
+    a = engine.prefill([loaded], "Which city?").logits
+    b = engine.prefill([raw], "Which city?").logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert isinstance(create_store(f"disk://{tmp_path}/x?fp8=1&dequantize=0"), DiskKVStore)
+    assert not create_store(f"disk://{tmp_path}/x?fp8=1&dequantize=0").dequantize

@@ -2,7 +2,8 @@
 
 File layout (safetensors): tensors ``keys`` and ``values`` (L, H, T, D), or with the fp8 codec e4m3 tensors
 plus ``keys_scale`` / ``values_scale`` (L, H) float32. The header's ``__metadata__`` holds the format, the
-block key, the model fingerprint, the original dtype, both shapes, the token ids, the block text, the codec
+block key, the model fingerprint, the dtype of the block as it was put (``float8_e4m3fn`` for a block that
+was already quantized, see ``KVBlock.quantize``), both shapes, the token ids, the block text, the codec
 and ``checksum``: sha256 of the complete file with the checksum's own digits set to zero. Any changed,
 missing or extra byte (payload or header) is therefore detected before a block is handed out.
 
@@ -40,7 +41,7 @@ FORMAT = "blockrag-kv/1"
 SUFFIX = ".safetensors"
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
 _ZERO_DIGEST = "sha256:" + "0" * 64
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float8_e4m3fn": FP8_DTYPE}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -52,11 +53,20 @@ def _checksum_field(value: str) -> bytes:
 
 
 def encode_block(block: KVBlock, fp8: bool = False) -> bytearray:
-    """Serialise a KVBlock to the bytes of one safetensors file (see the module docstring)."""
-    if _dtype_name(block.dtype) not in _DTYPES:
-        raise InvalidInputError(f"expected KV dtype in {sorted(_DTYPES)}, found {block.dtype}")
+    """Serialise a KVBlock to the bytes of one safetensors file (see the module docstring).
+
+    Args:
+        block: the block; a quantized one (fp8 with scales) is stored as it is.
+        fp8: quantise a full-precision block to e4m3 with per-(layer, head) scales.
+    """
+    if _dtype_name(block.dtype) not in _DTYPES or (block.dtype == FP8_DTYPE) != block.quantized:
+        raise InvalidInputError(f"expected KV dtype in {sorted(_DTYPES)} (fp8 only with scales), found {block.dtype}")
     keys, values = block.keys.detach().cpu().contiguous(), block.values.detach().cpu().contiguous()
-    if fp8:
+    if block.quantized:
+        fp8 = True
+        tensors = {"keys": keys, "values": values, "keys_scale": block.key_scale.detach().cpu().float().contiguous(),
+                   "values_scale": block.value_scale.detach().cpu().float().contiguous()}
+    elif fp8:
         qk, sk = quantize_fp8(keys)
         qv, sv = quantize_fp8(values)
         tensors = {"keys": qk, "values": qv, "keys_scale": sk, "values_scale": sv}
@@ -118,13 +128,16 @@ def _verify_checksum(data: bytes | bytearray, metadata: dict, header_end: int) -
         raise CorruptBlockError(f"expected checksum {stated[7:19]}…, found {found[7:19]}… (file content changed)")
 
 
-def decode_block(data: bytes | bytearray, key: str | None = None, fingerprint: str | None = None) -> KVBlock:
+def decode_block(data: bytes | bytearray, key: str | None = None, fingerprint: str | None = None,
+                 dequantize: bool = True) -> KVBlock:
     """Parse and verify one KV file.
 
     Args:
         data: the complete file.
         key: the key the file is stored under (checked against the header), if known.
         fingerprint: the model fingerprint the caller expects, if any.
+        dequantize: return an fp8 block in the dtype it was put with; False (or a block that was put
+            already quantized) returns it quantized, with its scales (see ``KVBlock.quantized``).
 
     Raises:
         CorruptBlockError: truncated, checksum mismatch, malformed or self-contradicting header.
@@ -160,8 +173,8 @@ def decode_block(data: bytes | bytearray, key: str | None = None, fingerprint: s
     else:
         raise CorruptBlockError(f"expected codec 'none' or 'fp8_e4m3', found {codec!r}")
     found = {name: t.dtype for name, t in tensors.items()}
-    if found != expected:
-        raise CorruptBlockError(f"expected tensors {expected}, found {found}")
+    if found != expected or (dtype == FP8_DTYPE and codec != "fp8_e4m3"):
+        raise CorruptBlockError(f"expected tensors {expected} (fp8 only with scales), found {found}")
     keys, values = tensors["keys"], tensors["values"]
     if [list(keys.shape), list(values.shape)] != list(shapes) or keys.dim() != 4 or \
             keys.shape[:3] != values.shape[:3] or keys.shape[2] != len(token_ids):
@@ -169,11 +182,14 @@ def decode_block(data: bytes | bytearray, key: str | None = None, fingerprint: s
             f"expected shapes {shapes} with T = {len(token_ids)} token ids, found {list(keys.shape)} and "
             f"{list(values.shape)}"
         )
-    if codec == "fp8_e4m3":
+    scales = {}
+    if codec == "fp8_e4m3" and dequantize and dtype != FP8_DTYPE:
         keys = dequantize_fp8(keys, tensors["keys_scale"], dtype)
         values = dequantize_fp8(values, tensors["values_scale"], dtype)
+    elif codec == "fp8_e4m3":
+        scales = {"key_scale": tensors["keys_scale"], "value_scale": tensors["values_scale"]}
     return KVBlock(keys=keys, values=values, token_ids=token_ids, fingerprint=meta["fingerprint"], key=meta["key"],
-                   text=meta.get("text"))
+                   text=meta.get("text"), **scales)
 
 
 class DiskKVStore(KVStore):
@@ -182,7 +198,9 @@ class DiskKVStore(KVStore):
     Args:
         root: directory (created if missing).
         fp8: store new blocks as e4m3 with per-(layer, head) scales (lossy; about half of bf16, a quarter
-            of fp32). Blocks are dequantised to their original dtype on load.
+            of fp32). Blocks that are already quantized (``KVBlock.quantize``) are stored as they are.
+        dequantize: return fp8 blocks in the dtype they were put with (default); False returns them
+            quantized, with scales, for the engine to dequantise while assembling (half the bytes to move).
         fingerprint: if given, only blocks of this model fingerprint are accepted by ``put`` and returned by
             ``get``; a file of another model under a key of this store is treated as damaged.
         strict: on a damaged or wrong-model file, ``get`` raises instead of discarding it and returning None
@@ -190,13 +208,14 @@ class DiskKVStore(KVStore):
     """
 
     def __init__(self, root: str | os.PathLike, *, fp8: bool = False, fingerprint: str | None = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False, dequantize: bool = True) -> None:
         self.root = Path(root)
         self.tmp_dir = self.root / ".tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.fp8 = fp8
         self.fingerprint = fingerprint
         self.strict = strict
+        self.dequantize = dequantize
         self._lock = threading.Lock()
         self.discarded: dict[str, int] = {"corrupt": 0, "wrong_model": 0}
 
@@ -218,7 +237,7 @@ class DiskKVStore(KVStore):
         except FileNotFoundError:
             return None
         try:
-            return decode_block(data, key=key, fingerprint=self.fingerprint)
+            return decode_block(data, key=key, fingerprint=self.fingerprint, dequantize=self.dequantize)
         except (CorruptBlockError, KVBlockMismatchError) as e:
             kind = "wrong_model" if isinstance(e, KVBlockMismatchError) else "corrupt"
             if self.strict:

@@ -2,6 +2,7 @@
 
     memory://?max_bytes=2G&device=cuda     LRU in memory, bounded by bytes, on any torch device
     disk:///var/kv?fp8=1&strict=1          one safetensors file per block under /var/kv
+                                           (dequantize=0: hand fp8 blocks out quantized)
     tiered:///var/kv?max_bytes=4G&fp8=1    memory in front of disk, promotion on hit
 
 A plain path (no scheme) means disk. Relative paths: ``disk://kv`` or ``disk://./kv``.
@@ -53,7 +54,8 @@ def _disk(path: str, params: dict[str, str]) -> KVStore:
 
     if not path:
         raise StoreURLError("expected a directory in the disk URL (disk:///abs/path or disk://rel/path), found none")
-    return DiskKVStore(path, fp8=_flag(params, "fp8"), strict=_flag(params, "strict"),
+    dequantize = _flag(params, "dequantize") if "dequantize" in params else True
+    return DiskKVStore(path, fp8=_flag(params, "fp8"), strict=_flag(params, "strict"), dequantize=dequantize,
                        fingerprint=params.pop("fingerprint", None))
 
 
