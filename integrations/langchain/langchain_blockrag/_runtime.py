@@ -1,60 +1,8 @@
-"""Glue shared by the LangChain components: the block-key metadata name and async iteration of streams.
+"""Names shared by the LangChain components.
 
-Engines named by `model=` are shared per process through `BlockEngine.shared`; nothing is loaded at
-construction time.
+Engines named by `model=` are shared per process through `BlockEngine.shared`; streams are iterated
+asynchronously through `blockrag.aio.iterate_in_thread`.
 """
-
-from __future__ import annotations
-
-import asyncio
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, TypeVar
-
-from langchain_core.runnables.config import run_in_executor
 
 BLOCK_KEY = "block_key"
 """Metadata / content-block `extras` key that carries the content key of a passage's cached KV block."""
-
-T = TypeVar("T")
-
-
-async def iterate_in_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-    """Run a blocking iterator on one worker thread and yield its items on the event loop.
-
-    One thread for the whole iteration, not one hop per item: fewer thread switches, and the
-    generator's contexts are entered and closed on the same thread. Closing this iterator early
-    stops the producer at its next item.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    stop = threading.Event()
-
-    def produce() -> None:
-        items = None
-        try:
-            items = make()
-            for item in items:
-                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
-                if stop.is_set():
-                    break
-        except BaseException as error:  # noqa: BLE001 - handed to the consumer and re-raised there
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", error))
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()  # NOTE: on this thread, where the generator's contexts were entered.
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
-
-    worker = asyncio.ensure_future(run_in_executor(None, produce))
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "done":
-                break
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        await worker

@@ -36,8 +36,9 @@ from langchain_core.utils import from_env
 from pydantic import ConfigDict, Field
 
 from blockrag import BlockEngine, Generation, KVBlock, Passage, Usage
+from blockrag.aio import iterate_in_thread
 from blockrag.errors import InvalidInputError
-from langchain_blockrag._runtime import BLOCK_KEY, iterate_in_thread
+from langchain_blockrag._runtime import BLOCK_KEY
 
 _CALL_KWARGS = frozenset({"model", "mode", "max_tokens", "temperature", "top_p", "top_k", "seed"})
 

@@ -33,9 +33,9 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
-from llama_index.llms.blockrag._runtime import iterate_in_thread
 
 from blockrag import BlockEngine, Generation, KVBlock, Passage
+from blockrag.aio import iterate_in_thread
 from blockrag.errors import InvalidInputError
 
 _CALL_KWARGS = frozenset({"passages", "block_keys", "instruction", "mode", "max_new_tokens", "temperature",
