@@ -399,10 +399,11 @@ class BlockEngine:
 
     @torch.inference_mode()
     def _prefill(self, passages, question, instruction, mode, reencode, new_tokens: int):
+        """``passages`` may be an already built ``_Prompt`` (then question and instruction are unused)."""
         if mode not in ("block", "full"):
             raise InvalidInputError(f"expected mode 'block' or 'full', found {mode!r}")
         start = time.perf_counter()
-        prompt = self._prompt(passages, question, instruction)
+        prompt = passages if isinstance(passages, _Prompt) else self._prompt(passages, question, instruction)
         context_ids = [ids for ids, _, _ in prompt.context]
         input_ids = [t for ids in context_ids for t in ids] + prompt.final_ids
         device = self.device
@@ -433,18 +434,22 @@ class BlockEngine:
                 out = self.model(input_ids=torch.tensor([feed], device=device), position_ids=positions[None],
                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits, cache = out.logits[0, -1].float(), out.past_key_values
-        _sync(device)
-        usage = Usage(cached_tokens=cached_tokens, encoded_tokens=encoded_tokens, prefilled_tokens=len(feed),
-                      ttft_s=time.perf_counter() - start)
-        if mode == "block" and not reencode:
-            context_positions = [p for ids in context_ids for p in range(len(ids))]
-        else:
-            context_positions = list(range(next_pos))
-        result = PrefillResult(
-            mode=mode, logits=logits.cpu(), input_ids=tuple(input_ids), final_ids=tuple(prompt.final_ids),
-            position_ids=tuple(context_positions + positions.tolist()), blocks=tuple(infos), usage=usage,
-            warnings=tuple(prompt.warnings),
-        )
+        try:
+            _sync(device)
+            usage = Usage(cached_tokens=cached_tokens, encoded_tokens=encoded_tokens, prefilled_tokens=len(feed),
+                          ttft_s=time.perf_counter() - start)
+            if mode == "block" and not reencode:
+                context_positions = [p for ids in context_ids for p in range(len(ids))]
+            else:
+                context_positions = list(range(next_pos))
+            result = PrefillResult(
+                mode=mode, logits=logits.cpu(), input_ids=tuple(input_ids), final_ids=tuple(prompt.final_ids),
+                position_ids=tuple(context_positions + positions.tolist()), blocks=tuple(infos), usage=usage,
+                warnings=tuple(prompt.warnings),
+            )
+        except BaseException:
+            release()  # the graph buffer must not stay locked when the prefill fails after the replay
+            raise
         return result, cache, (logits, next_pos + len(feed), start, release)
 
     def _graph_prefill(self, blocks: list[KVBlock], final_ids: list[int], reencode: bool):
@@ -503,8 +508,8 @@ class BlockEngine:
         """
         holder: list[Generation] = []
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop))
-        self._prompt(passages, question, instruction)  # fail early, before the first next()
-        return GenerationStream(self._run(passages, question, instruction, mode, reencode, params, holder), holder)
+        prompt = self._prompt(passages, question, instruction)  # fail early, before the first next()
+        return GenerationStream(self._run(prompt, None, None, mode, reencode, params, holder), holder)
 
     def _run(self, passages, question, instruction, mode, reencode, params: SamplingParams,
              holder: list[Generation]) -> Iterator[str]:
