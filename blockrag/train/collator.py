@@ -64,6 +64,7 @@ class Copy:
     position_ids: Tensor
     mask: Tensor
     mode: CopyMode
+    tail_start: int = 0  # first position of the final block (what distillation compares)
 
 
 def make_copy(sample: Sample, mode: CopyMode = "block") -> Copy:
@@ -90,7 +91,7 @@ def make_copy(sample: Sample, mode: CopyMode = "block") -> Copy:
         positions = block_position_ids(lengths, tail, reencode=mode == "block")
     else:
         raise InvalidInputError(f"expected a copy mode in ('block', 'full', 'block_no_pos'), found {mode!r}")
-    return Copy(ids, labels, positions, mask, mode)
+    return Copy(ids, labels, positions, mask, mode, ids.numel() - tail)
 
 
 def check_backend(model) -> str:
@@ -110,7 +111,8 @@ def pad_copies(copies: Sequence[Copy], pad_token_id: int, backend: str = "sdpa",
 
     Returns:
         input_ids, labels, position_ids: (B, N) long; attention_mask: (B, 1, N, N) bool (sdpa) or ``dtype``
-        additive (eager); block_copy: (B,) bool, which rows are block copies (not a model input).
+        additive (eager); block_copy: (B,) bool, which rows are block copies; tail_mask: (B, N) bool, the final
+        block and response positions of each row (the last two are not model inputs).
     """
     if backend not in MASK_BACKENDS:
         raise UnsupportedModelError(f"expected an attention backend in {MASK_BACKENDS}, found {backend!r}")
@@ -121,9 +123,11 @@ def pad_copies(copies: Sequence[Copy], pad_token_id: int, backend: str = "sdpa",
     # NOTE: a padding row attends to itself only: a row with nothing to attend to makes softmax NaN, and NaN
     # leaks into gradients even where the loss ignores the row. Real tokens never see padding (it comes later).
     mask = torch.eye(longest, dtype=torch.bool).repeat(size, 1, 1)
+    tail_mask = torch.zeros(size, longest, dtype=torch.bool)
     for row, c in enumerate(copies):
         n = c.input_ids.numel()
         input_ids[row, :n], labels[row, :n], position_ids[row, :n] = c.input_ids, c.labels, c.position_ids
+        tail_mask[row, c.tail_start : n] = True
         position_ids[row, n:] = c.position_ids[-1] + 1 + torch.arange(longest - n)
         mask[row, :n, :n] = c.mask
     mask = mask[:, None]
@@ -133,6 +137,7 @@ def pad_copies(copies: Sequence[Copy], pad_token_id: int, backend: str = "sdpa",
         "position_ids": position_ids,
         "attention_mask": mask if backend == "sdpa" else additive_mask(mask, dtype),
         "block_copy": torch.tensor([c.mode != "full" for c in copies]),
+        "tail_mask": tail_mask,
     }
 
 
@@ -144,25 +149,36 @@ class BlockCollator:
         backend: the model's attention implementation, "sdpa" or "eager" (see ``check_backend``).
         ratio: copies per sample, block:full.
         dtype: dtype of the additive mask for eager attention (the model's dtype).
+        teacher: also emit ``teacher`` (full-attention inputs, one row per sample) and ``teacher_row`` (the
+            sample of every batch row), for distillation.
     """
 
     def __init__(self, pad_token_id: int, backend: str = "sdpa", ratio: CopyRatio = CopyRatio(),
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, teacher: bool = False) -> None:
         if backend not in MASK_BACKENDS:
             raise UnsupportedModelError(f"expected an attention backend in {MASK_BACKENDS}, found {backend!r}")
         self.pad_token_id = pad_token_id
         self.backend = backend
         self.ratio = ratio
         self.dtype = dtype
+        self.teacher = teacher
 
     @classmethod
-    def for_model(cls, model, tokenizer, ratio: CopyRatio = CopyRatio()) -> BlockCollator:
+    def for_model(cls, model, tokenizer, ratio: CopyRatio = CopyRatio(), teacher: bool = False) -> BlockCollator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(pad, check_backend(model), ratio, next(model.parameters()).dtype)
+        return cls(pad, check_backend(model), ratio, next(model.parameters()).dtype, teacher)
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Tensor]:
         copies = [make_copy(s, mode) for s in samples for mode in self.ratio.modes]
-        return pad_copies(copies, self.pad_token_id, self.backend, self.dtype)
+        batch = pad_copies(copies, self.pad_token_id, self.backend, self.dtype)
+        if self.teacher:
+            # NOTE: one full-attention copy per sample for the teacher; row r of the batch is sample
+            # teacher_row[r]. Same ids and padding length, so positions line up column by column.
+            teacher = pad_copies([make_copy(s, "full") for s in samples], self.pad_token_id, self.backend,
+                                 self.dtype)
+            batch["teacher"] = {k: teacher[k] for k in ("input_ids", "attention_mask", "position_ids")}
+            batch["teacher_row"] = torch.arange(len(samples)).repeat_interleave(len(self.ratio.modes))
+        return batch
 
     def copies(self, samples: Sequence[Sample], mode: CopyMode) -> dict[str, Tensor]:
         """One copy of each sample in the given mode (for evaluation)."""

@@ -1,7 +1,11 @@
 """Block fine-tuning loop: full fine-tuning or LoRA, on a CPU with tiny models or on a GPU.
 
 Each step draws ``batch_size`` samples; the collator turns each into block and full copies (the paper: one
-of each) and the loss is the mean cross-entropy over response tokens. Checkpoints hold what resuming needs
+of each). Objectives: ``answer`` (the paper's), the mean cross-entropy over response tokens; ``distill``
+(label-free), the mean KL divergence from a frozen teacher's full-attention next-token distributions (the
+model before training: for LoRA the base without its adapter, else a frozen copy) to the student's, on the
+final block and response positions of every copy -- block copies learn to predict as full attention does,
+full copies are held where they were. Checkpoints hold what resuming needs
 (trainable weights, optimizer state, RNG state, step) in safetensors and JSON; the final model is written
 with ``save_pretrained`` (safetensors) together with its tokenizer and block template, ready for
 ``BlockEngine.from_pretrained``. LoRA adapters are merged into the final model (the adapter is kept beside it).
@@ -27,6 +31,7 @@ from blockrag.train.collator import IGNORE_INDEX, BlockCollator, CopyRatio, chec
 from blockrag.train.data import Sample, save_template
 
 SCHEDULES = ("cosine", "linear", "constant")
+OBJECTIVES = ("answer", "distill")
 TRAINING_FILE = "training.json"
 
 
@@ -64,6 +69,8 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient clipping (0 disables).
         ratio: block:full copies per sample.
+        objective: "answer" (cross-entropy on the response) or "distill" (KL to the frozen model's
+            full-attention distributions on the final block and response; no labels needed).
         lora: LoRA settings, or None for full fine-tuning.
         bf16: autocast the forward to bfloat16 (CUDA); the weights stay in their dtype.
         gradient_checkpointing: recompute activations in the backward pass.
@@ -87,6 +94,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     ratio: CopyRatio = field(default_factory=CopyRatio)
+    objective: str = "answer"
     lora: LoraSettings | None = None
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -106,6 +114,7 @@ class TrainConfig:
             (self.epochs > 0, "epochs > 0", self.epochs),
             (0 <= self.warmup_ratio < 1, "0 <= warmup_ratio < 1", self.warmup_ratio),
             (self.schedule in SCHEDULES, f"schedule in {SCHEDULES}", self.schedule),
+            (self.objective in OBJECTIVES, f"objective in {OBJECTIVES}", self.objective),
             (0 <= self.min_lr_ratio <= 1, "0 <= min_lr_ratio <= 1", self.min_lr_ratio),
         ]
         for ok, rule, value in checks:
@@ -168,6 +177,23 @@ def response_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return ce.sum(1), (targets != IGNORE_INDEX).sum(1)
 
 
+def distill_loss(student: Tensor, teacher: Tensor, mask: Tensor, teacher_row: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row summed KL(teacher || student) of next-token distributions over masked positions, and counts.
+
+    Args:
+        student: (B, N, V) student logits.
+        teacher: (S, N, V) teacher logits, one row per sample.
+        mask: (B, N) positions to compare.
+        teacher_row: (B,) the teacher row of every student row.
+    """
+    rows, cols = mask.nonzero(as_tuple=True)
+    log_p = F.log_softmax(teacher[teacher_row[rows], cols].float(), dim=-1)
+    log_q = F.log_softmax(student[rows, cols].float(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    sums = torch.zeros(mask.shape[0], dtype=kl.dtype, device=kl.device).index_add(0, rows, kl)
+    return sums, mask.sum(1)
+
+
 def save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Atomic safetensors write (temp file + rename)."""
     from safetensors.torch import save_file
@@ -219,8 +245,14 @@ class Trainer:
         torch.manual_seed(config.seed)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.teacher: nn.Module | None = None
+        if config.objective == "distill" and config.lora is None:
+            import copy
+
+            self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.model = self._wrap_lora(model) if config.lora is not None else model
-        self.collator = BlockCollator.for_model(model, tokenizer, config.ratio)
+        self.collator = BlockCollator.for_model(model, tokenizer, config.ratio,
+                                                teacher=config.objective == "distill")
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise InvalidInputError("expected trainable parameters, found none")
@@ -244,15 +276,30 @@ class Trainer:
 
     # --- one step ----------------------------------------------------------------------------------
 
+    def _teacher_logits(self, inputs: dict[str, Tensor]) -> Tensor:
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            if self.teacher is not None:
+                return self.teacher(**inputs, use_cache=False).logits
+            with self.model.disable_adapter():  # LoRA: the base model is the teacher
+                return self.model(**inputs, use_cache=False).logits
+
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        """Mean response cross-entropy of a collated batch, with block-copy and full-copy means."""
+        """Mean loss of a collated batch (see ``objective``), with block-copy and full-copy means."""
         device = self.device
-        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "position_ids")}
-        labels = batch["labels"].to(device, non_blocking=True)
+        names = ("input_ids", "attention_mask", "position_ids")
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in names}
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
-        with autocast:
-            logits = self.model(**inputs, use_cache=False).logits
-        sums, counts = response_loss(logits, labels)
+        if self.config.objective == "distill":
+            teacher = self._teacher_logits({k: batch["teacher"][k].to(device, non_blocking=True) for k in names})
+            with autocast:
+                logits = self.model(**inputs, use_cache=False).logits
+            sums, counts = distill_loss(logits, teacher, batch["tail_mask"].to(device),
+                                        batch["teacher_row"].to(device))
+        else:
+            labels = batch["labels"].to(device, non_blocking=True)
+            with autocast:
+                logits = self.model(**inputs, use_cache=False).logits
+            sums, counts = response_loss(logits, labels)
         loss = sums.sum() / counts.sum().clamp_min(1)
         parts = {}
         block = batch["block_copy"].to(device)
