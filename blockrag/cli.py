@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 OWN_COMMANDS = ("ingest", "ask", "kb")
-EXTENSIONS = (("blockrag.train.cli", "finetune"), ("blockrag.eval.cli", "eval"))
+EXTENSIONS = (("blockrag.train.cli", "finetune"), ("blockrag.eval.cli", "eval"), ("blockrag.serve.cli", "serve"))
 TINY_PREFIX = "tiny-random"
 TINY_NOTE = ("note: --model {name} is a tiny random model (2 layers, hidden size 64, random weights); its answers "
              "are noise. Use it only to try the pipeline offline.")
