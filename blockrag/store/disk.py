@@ -205,10 +205,15 @@ class DiskKVStore(KVStore):
             ``get``; a file of another model under a key of this store is treated as damaged.
         strict: on a damaged or wrong-model file, ``get`` raises instead of discarding it and returning None
             (which makes the caller recompute the block).
+        max_bytes: byte budget of the block files; past it the least recently used files are deleted (down to
+            90% of the budget), so a miss later recomputes them. Recency is the file's mtime, refreshed on
+            every hit, so it holds across processes and restarts. None: unbounded.
     """
 
     def __init__(self, root: str | os.PathLike, *, fp8: bool = False, fingerprint: str | None = None,
-                 strict: bool = False, dequantize: bool = True) -> None:
+                 strict: bool = False, dequantize: bool = True, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes < 1:
+            raise InvalidInputError(f"expected max_bytes >= 1 (or None for no budget), found {max_bytes}")
         self.root = Path(root)
         self.tmp_dir = self.root / ".tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -218,9 +223,14 @@ class DiskKVStore(KVStore):
         self.dequantize = dequantize
         self._lock = threading.Lock()
         self.discarded: dict[str, int] = {"corrupt": 0, "wrong_model": 0}
+        self.max_bytes = max_bytes
+        self.evicted = 0
+        self._evict_lock = threading.Lock()
+        self._bytes = self.usage()["bytes"] if max_bytes is not None else 0
 
     def __repr__(self) -> str:
-        return f"DiskKVStore({str(self.root)!r}, fp8={self.fp8}, strict={self.strict})"
+        budget = f", max_bytes={self.max_bytes}" if self.max_bytes is not None else ""
+        return f"DiskKVStore({str(self.root)!r}, fp8={self.fp8}, strict={self.strict}{budget})"
 
     def path_of(self, key: str) -> Path:
         """File of a key. Keys are content hashes (64 hex digits); anything else is refused."""
@@ -237,7 +247,10 @@ class DiskKVStore(KVStore):
         except FileNotFoundError:
             return None
         try:
-            return decode_block(data, key=key, fingerprint=self.fingerprint, dequantize=self.dequantize)
+            block = decode_block(data, key=key, fingerprint=self.fingerprint, dequantize=self.dequantize)
+            if self.max_bytes is not None:
+                self._touch(path)
+            return block
         except (CorruptBlockError, KVBlockMismatchError) as e:
             kind = "wrong_model" if isinstance(e, KVBlockMismatchError) else "corrupt"
             if self.strict:
@@ -266,9 +279,53 @@ class DiskKVStore(KVStore):
         if path.exists():
             return  # same key, same content
         data = encode_block(block, self.fp8)
+        if self.max_bytes is not None and len(data) > self.max_bytes:
+            logger.warning("block %s (%d bytes) exceeds the disk budget of %d bytes; not stored", block.key[:12],
+                           len(data), self.max_bytes)
+            return
         if not path.parent.is_dir():
             path.parent.mkdir(exist_ok=True)
         atomic_write(path, data, tmp_dir=self.tmp_dir)
+        if self.max_bytes is not None:
+            with self._lock:
+                self._bytes += len(data)
+                over = self._bytes > self.max_bytes
+            if over:
+                self._evict(keep=block.key)
+
+    def _touch(self, path: Path) -> None:
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            pass  # evicted meanwhile (by this or another process)
+
+    def _evict(self, keep: str) -> None:
+        """Delete least recently used files until the store is at 90% of its budget (never ``keep``)."""
+        if not self._evict_lock.acquire(blocking=False):
+            return  # another thread is evicting already
+        try:
+            # NOTE: rescan rather than trust the running total: other processes write and evict too.
+            files = []
+            for key in self.keys():
+                try:
+                    st = self.path_of(key).stat()
+                except FileNotFoundError:
+                    continue
+                files.append((st.st_mtime_ns, st.st_size, key))
+            total = sum(size for _, size, _ in files)
+            target = int(self.max_bytes * 0.9)
+            for _, size, key in sorted(files):
+                if total <= target:
+                    break
+                if key == keep:
+                    continue
+                if self.delete(key):
+                    self.evicted += 1
+                total -= size
+            with self._lock:
+                self._bytes = total
+        finally:
+            self._evict_lock.release()
 
     def contains(self, key: str) -> bool:
         return self.path_of(key).exists()

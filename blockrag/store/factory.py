@@ -2,8 +2,10 @@
 
     memory://?max_bytes=2G&device=cuda     LRU in memory, bounded by bytes, on any torch device
     disk:///var/kv?fp8=1&strict=1          one safetensors file per block under /var/kv
-                                           (dequantize=0: hand fp8 blocks out quantized)
-    tiered:///var/kv?max_bytes=4G&fp8=1    memory in front of disk, promotion on hit
+                                           (dequantize=0: hand fp8 blocks out quantized; max_bytes=50G:
+                                           least recently used files deleted past the budget)
+    tiered:///var/kv?max_bytes=4G&fp8=1    memory in front of disk, promotion on hit (disk_max_bytes=...)
+    redis://host:6379/0?prefix=kv:&ttl=3600   shared by processes and machines (also rediss://, fp8, strict)
 
 A plain path (no scheme) means disk. Relative paths: ``disk://kv`` or ``disk://./kv``.
 """
@@ -55,21 +57,42 @@ def _disk(path: str, params: dict[str, str]) -> KVStore:
     if not path:
         raise StoreURLError("expected a directory in the disk URL (disk:///abs/path or disk://rel/path), found none")
     dequantize = _flag(params, "dequantize") if "dequantize" in params else True
+    max_bytes = parse_size(params.pop("max_bytes")) if "max_bytes" in params else None
     return DiskKVStore(path, fp8=_flag(params, "fp8"), strict=_flag(params, "strict"), dequantize=dequantize,
-                       fingerprint=params.pop("fingerprint", None))
+                       fingerprint=params.pop("fingerprint", None), max_bytes=max_bytes)
 
 
 def _tiered(path: str, params: dict[str, str]) -> KVStore:
     from blockrag.store.tiered import TieredKVStore
 
     memory_params = {k: params.pop(k) for k in ("max_bytes", "device") if k in params}
+    if "disk_max_bytes" in params:
+        params["max_bytes"] = params.pop("disk_max_bytes")
     return TieredKVStore(_memory("", memory_params), _disk(path, params))
+
+
+def _redis_scheme(scheme: str) -> Callable[[str, dict[str, str]], KVStore]:
+    def build(path: str, params: dict[str, str]) -> KVStore:
+        from blockrag.store.redis import DEFAULT_PREFIX, RedisKVStore
+
+        ttl = params.pop("ttl", None)
+        if ttl is not None and not ttl.isdigit():
+            raise StoreURLError(f"expected ttl in whole seconds (ttl=3600), found ttl={ttl!r}")
+        dequantize = _flag(params, "dequantize") if "dequantize" in params else True
+        return RedisKVStore(f"{scheme}://{path or '127.0.0.1:6379/0'}", prefix=params.pop("prefix", DEFAULT_PREFIX),
+                            ttl_s=int(ttl) if ttl is not None else None, fp8=_flag(params, "fp8"),
+                            strict=_flag(params, "strict"), dequantize=dequantize,
+                            fingerprint=params.pop("fingerprint", None))
+
+    return build
 
 
 SCHEMES: dict[str, Callable[[str, dict[str, str]], KVStore]] = {
     "memory": _memory,
     "disk": _disk,
     "tiered": _tiered,
+    "redis": _redis_scheme("redis"),
+    "rediss": _redis_scheme("rediss"),
 }
 
 
