@@ -179,6 +179,8 @@ class BlockEngine:
         self.rope: RopeSpec = rope_spec(model)
         self.template = get_template(template, tokenizer)
         self.store = store if store is not None else MemoryKVStore()
+        self._own_store, self._attached_stores, self._layered_store = self.store, [], self.store
+        self._stores_lock = threading.Lock()
         self.dtype = next(model.parameters()).dtype
         self.fingerprint = model_fingerprint(model, tokenizer, self.dtype)
         self.encoder = BlockEncoder(model, self.fingerprint, token_budget)
@@ -324,11 +326,51 @@ class BlockEngine:
         blocks, _ = self._blocks_for([self.template.tokenize(self.tokenizer, t) for t in texts], texts)
         return blocks
 
-    def _blocks_for(self, ids: Sequence[list[int]], texts: Sequence[str | None]) -> tuple[list[KVBlock], list[bool]]:
+    def source_blocks(self, token_ids: Sequence[Sequence[int]], texts: Sequence[str | None] | None = None, *,
+                      store: KVStore | None = None) -> tuple[list[KVBlock], list[bool]]:
+        """The block source: blocks of token-id lists looked up in ``store`` (default: the engine's), only
+        blocks of this model used, the misses encoded in batches and put into that store.
+
+        Returns:
+            (blocks, found): found[i] is True where block i came from the store.
+        """
+        ids = [list(i) for i in token_ids]
+        return self._blocks_for(ids, list(texts) if texts is not None else [None] * len(ids), store)
+
+    def attach_store(self, store: KVStore) -> None:
+        """Serve blocks also from ``store`` (e.g. a knowledge base's disk store) until ``detach_store``.
+
+        Reads try the engine's own store first, then attached stores (hits are kept in the engine's own);
+        new blocks are written through. A write an attached store refuses (disk full) keeps the block in
+        memory only, with a warning.
+        """
+        with self._stores_lock:
+            if self.store is not self._layered_store:
+                self._own_store, self._attached_stores = self.store, []  # the user replaced the store
+            self._relayer([*self._attached_stores, store])
+
+    def detach_store(self, store: KVStore) -> None:
+        """Stop serving blocks from a store given to ``attach_store`` (no-op if it is not attached)."""
+        with self._stores_lock:
+            if self.store is self._layered_store:  # else the user replaced the store: leave theirs alone
+                self._relayer([s for s in self._attached_stores if s is not store])
+
+    def _relayer(self, attached: list[KVStore]) -> None:
+        from blockrag.store.tiered import TieredKVStore
+
+        layered = self._own_store
+        for back in attached:
+            layered = TieredKVStore(layered, back, tolerate_write_errors=True)
+        self._attached_stores, self.store = attached, layered
+        self._layered_store = layered
+
+    def _blocks_for(self, ids: Sequence[list[int]], texts: Sequence[str | None],
+                    store: KVStore | None = None) -> tuple[list[KVBlock], list[bool]]:
         """Blocks for token-id lists: store hits, then one batched encode of the misses (stored after)."""
+        store = self.store if store is None else store
         self._check_length(max((len(i) for i in ids), default=0), "a single block")
         keys = [self.key_of(i) for i in ids]
-        found = self.store.get_many(keys)
+        found = store.get_many(keys)
         blocks: list[KVBlock | None] = []
         for block in found:
             # NOTE: a store may hold blocks of another model under a colliding path; never use them.
@@ -341,7 +383,7 @@ class BlockEngine:
             with self._attention():
                 fresh = self.encoder.encode([ids[i] for i in missing], [keys[i] for i in missing],
                                             [texts[i] for i in missing])
-            self.store.put_many(fresh)
+            store.put_many(fresh)
             for i, block in zip(missing, fresh):
                 blocks[i] = block
         return blocks, cached  # type: ignore[return-value]

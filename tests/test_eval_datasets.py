@@ -130,7 +130,6 @@ def test_limit_duplicate_ids_gzip_and_unrecognised_records(tmp_path):
 
 
 def test_synthetic_examples_are_deterministic_and_answerable_from_their_passages():
-    pytest.importorskip("blockrag.train.synthetic")
     a = synthetic_examples(count=5)
     b = synthetic_examples(count=5)
     assert a.examples == b.examples and a.digest == b.digest and a.format == "synthetic"

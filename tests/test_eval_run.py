@@ -26,7 +26,7 @@ def _eval(*args: str) -> int:
 @pytest.fixture(scope="module")
 def synthetic_checkpoint(tmp_path_factory):
     """A tiny untrained Llama saved like a checkpoint of the synthetic task (tokenizer, template, task config)."""
-    synthetic = pytest.importorskip("blockrag.train.synthetic")
+    from blockrag.train import synthetic
     from blockrag.train.data import save_template
 
     directory = tmp_path_factory.mktemp("synthetic_ckpt")
@@ -201,7 +201,6 @@ def test_too_long_prompts_are_recorded_as_errors_not_scored(make_engine, tmp_pat
 
 
 def test_passages_retrieved_from_a_knowledge_base(tmp_path, capsys):
-    pytest.importorskip("faiss")
     corpus = Path(__file__).parent / "kb_corpus"
     kb = tmp_path / "kb"
     assert main(["ingest", str(corpus / "duck.txt"), str(corpus / "bread.md"), str(corpus / "river.txt"),

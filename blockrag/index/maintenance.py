@@ -1,0 +1,132 @@
+"""Maintenance of a knowledge base: verify, gc, stats, and deleting documents with their KV files.
+
+Which KV files a knowledge base still needs is decided in one place, ``BlockCensus``: a file is *referenced*
+by a passage, *pinned* (the instruction block 0) or an *orphan* (neither, so ``gc`` may delete it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blockrag.errors import KVBlockMismatchError
+from blockrag.index import layout
+from blockrag.index.docstore import Docstore
+from blockrag.index.mirror import IndexMirror
+from blockrag.store.base import KVStore
+from blockrag.store.disk import DiskKVStore, decode_block
+from blockrag.store.errors import CorruptBlockError
+
+
+@dataclass(frozen=True)
+class BlockCensus:
+    """The KV files a knowledge base needs, against the files it has."""
+
+    referenced: frozenset[str]  # block keys of passages
+    pinned: frozenset[str]      # blocks kept without a passage (the instruction block)
+    on_disk: frozenset[str] | None = None  # None: the KV directory was not listed
+
+    @classmethod
+    def of(cls, docstore: Docstore, kv: DiskKVStore | None = None) -> BlockCensus:
+        pinned = frozenset({docstore.get_meta("prefix_block_key", "")} - {""})
+        return cls(frozenset(docstore.referenced_keys()), pinned,
+                   frozenset(kv.keys()) if kv is not None else None)
+
+    @property
+    def needed(self) -> frozenset[str]:
+        return self.referenced | self.pinned
+
+    @property
+    def missing(self) -> frozenset[str]:
+        """Referenced keys without a KV file."""
+        return self.referenced - self._files
+
+    @property
+    def orphans(self) -> frozenset[str]:
+        """KV files nothing needs."""
+        return self._files - self.needed
+
+    @property
+    def _files(self) -> frozenset[str]:
+        if self.on_disk is None:
+            raise ValueError("this census did not list the KV files")
+        return self.on_disk
+
+
+def collect(docstore: Docstore, kv: DiskKVStore, keys: set[str], also: Iterable[KVStore] = ()) -> int:
+    """Delete the KV files of ``keys`` that nothing needs any more (after the commit that dropped them);
+    also from ``also`` (e.g. the engine's in-memory store). Returns the number of files deleted."""
+    if not keys:
+        return 0
+    removed = 0
+    for key in keys - BlockCensus.of(docstore).needed:
+        removed += bool(kv.delete(key))
+        for store in also:
+            store.delete(key)
+    return removed
+
+
+def verify(path: Path, docstore: Docstore, kv: DiskKVStore, index: IndexMirror, deep: bool) -> dict[str, Any]:
+    """Consistency report (read-only); see ``KnowledgeBase.verify``."""
+    census = BlockCensus.of(docstore, kv)
+    corrupt: list[str] = []
+    if deep:
+        fingerprint = docstore.get_meta("fingerprint")
+        for key in sorted(census.referenced & census.on_disk):
+            try:
+                decode_block(kv.path_of(key).read_bytes(), key=key, fingerprint=fingerprint)
+            except (CorruptBlockError, KVBlockMismatchError, FileNotFoundError):
+                corrupt.append(key)
+    saved_ids = index.saved_ids()
+    in_db = docstore.vec_ids()
+    temps = [str(p) for p in kv.temp_files()] + [str(p) for p in layout.temp_files(path)]
+    report = {
+        "passages": len(in_db),
+        "missing_blocks": sorted(census.missing),
+        "corrupt_blocks": corrupt,
+        "orphan_blocks": sorted(census.orphans),
+        "temp_files": temps,
+        "index_missing": len(in_db - saved_ids),
+        "index_extra": len(saved_ids - in_db),
+    }
+    report["ok"] = not (report["missing_blocks"] or corrupt)
+    return report
+
+
+def gc(docstore: Docstore, kv: DiskKVStore) -> int:
+    """Delete KV files nothing needs; returns how many. Call while holding the writer lock."""
+    return sum(bool(kv.delete(key)) for key in BlockCensus.of(docstore, kv).orphans)
+
+
+def stats(docstore: Docstore, kv: DiskKVStore) -> dict[str, Any]:
+    """Counts and sizes from the docstore and the KV directory (the facade adds settings)."""
+    usage = kv.usage()
+    census = BlockCensus.of(docstore, kv)
+    return {
+        **docstore.counts(),
+        "kv_blocks": usage["blocks"],
+        "kv_bytes": usage["bytes"],
+        "blocks_missing": len(census.missing),
+        "orphan_blocks": len(census.orphans),
+    }
+
+
+def delete_documents(docstore: Docstore, ids: list[str]) -> tuple[list[str], list[str], list[tuple[int, str]]]:
+    """Remove documents and their passages in one transaction.
+
+    Returns:
+        (found ids, missing ids, removed passages as (vec_id, block_key)).
+    """
+    removed: list[tuple[int, str]] = []
+    found, missing = [], []
+    with docstore.transaction() as tx:
+        for doc_id in ids:
+            if not tx.document_exists(doc_id):
+                missing.append(doc_id)
+                continue
+            removed += tx.delete_document(doc_id)
+            found.append(doc_id)
+        tx.bump_version()
+    return found, missing, removed
