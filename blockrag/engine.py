@@ -208,27 +208,26 @@ class BlockEngine:
             self.graphs = FinalBlockGraphs(model, cuda_graphs)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None, attn_implementation: str = "sdpa",
-                        template: str | BlockTemplate = "chat", trust_remote_code: bool = False,
-                        **engine_kwargs) -> BlockEngine:
-        """Load a model and tokenizer by Hub name or local path.
+    def from_pretrained(cls, name_or_path: str = "smollm2-135m", *, gguf_file: str | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                        attn_implementation: str = "sdpa", template: str | BlockTemplate | None = None,
+                        trust_remote_code: bool = False, **engine_kwargs) -> BlockEngine:
+        """Load a model and tokenizer through ``blockrag.models.load``: a short name (default: the embedded
+        ``smollm2-135m``), a ``.gguf`` file (or a directory / Hub repo plus ``gguf_file``), a local directory,
+        a Hub name, or ``tiny-random``.
 
         device defaults to CUDA when available, else CPU; dtype to bfloat16 on CUDA, float32 on CPU.
+        template defaults to the named model's own, else "chat".
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from blockrag.models import load
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     attn_implementation=attn_implementation)
-        return cls(model.to(device), tokenizer, template=template, **engine_kwargs)
+        loaded = load(name_or_path, gguf_file=gguf_file, device=device, dtype=dtype,
+                      attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+        return cls(loaded.model, loaded.tokenizer, template=template or loaded.template or "chat", **engine_kwargs)
 
     @classmethod
     def shared(cls, name_or_path: str, *, device: str | None = None, dtype: str | None = None,
-               template: str = "chat") -> BlockEngine:
+               template: str | None = None) -> BlockEngine:
         """The process-wide engine for a model name or local path, loaded on first use.
 
         Framework components are constructed often (per chain, per call, per test); they share one

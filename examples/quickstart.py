@@ -1,6 +1,7 @@
 """Quickstart: the core API. Build a knowledge base, ask questions, see cached blocks at work.
 
-    python examples/quickstart.py                      # Qwen/Qwen2.5-0.5B-Instruct from the Hub
+    python examples/quickstart.py                      # the embedded SmolLM2-135M-Instruct (offline)
+    python examples/quickstart.py --model m.gguf       # any GGUF file, model directory or Hub name
     python examples/quickstart.py --model tiny-random  # offline; a tiny random model (answers are noise)
 
 Ingest encodes every passage once (its KV block is stored under a content hash). A question then

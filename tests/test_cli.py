@@ -149,8 +149,8 @@ def test_clear_errors(tmp_path, capsys):
     code, _, err = run_cli(capsys, "ingest", tmp_path / "nope.txt", "--kb", tmp_path / "kb", "--model", "tiny-random")
     assert code == 1 and "found nothing at" in err
     (tmp_path / "doc.txt").write_text("Some text.")
-    code, _, err = run_cli(capsys, "ingest", tmp_path / "doc.txt", "--kb", tmp_path / "kb")
-    assert code == 2 and "expected --model" in err
+    code, _, err = run_cli(capsys, "ingest", tmp_path / "doc.txt", "--kb", tmp_path / "kb", "--model", "smolm2-135m")
+    assert code == 1 and "did you mean 'smollm2-135m'" in err and not (tmp_path / "kb").exists()
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(capsys, "ingest", tmp_path / "empty", "--kb", tmp_path / "kb2", "--model", "tiny-random",
                            "--no-progress")

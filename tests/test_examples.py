@@ -88,12 +88,20 @@ def test_qa_app_reopens_its_knowledge_base(monkeypatch, capsys, tmp_path):
 
 def test_qa_app_as_a_script(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    # NOTE: an unknown model name while offline: the script must say so and fall back, not crash.
-    done = subprocess.run([sys.executable, str(EXAMPLES / "qa_app.py"), "--model", "no-such-org/no-such-model",
+    done = subprocess.run([sys.executable, str(EXAMPLES / "qa_app.py"), "--model", "tiny-random",
                            "--max-tokens", "4", "--kb", str(tmp_path / "kb")],
                           input="How much is a family ticket?\nquit\n", capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "could not load 'no-such-org/no-such-model'" in done.stdout
-    assert "Falling back to a tiny random model" in done.stdout
     assert "Fares and tickets" in done.stdout and "TTFT" in done.stdout
+
+
+def test_an_unknown_model_offline_is_an_error_not_a_fallback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(EXAMPLES / "qa_app.py"), "--model", "no-such-org/no-such-model",
+                           "--kb", str(tmp_path / "kb")], input="quit\n", capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 1
+    assert "'no-such-org/no-such-model' is not in the local Hugging Face cache" in done.stderr
+    assert "smollm2-135m" in done.stderr  # says what works offline
+    assert "tiny random" not in done.stdout and not (tmp_path / "kb").exists()

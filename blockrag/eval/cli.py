@@ -66,9 +66,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model")
     model.add_argument("--model", default=None, metavar="M",
-                       help="Hugging Face model name or local path; 'tiny-random' (or 'tiny-random:ARCH') builds a "
-                            "tiny random Llama for offline pipeline checks: its answers are noise. Default: the "
-                            "model the --kb knowledge base was built with")
+                       help="a short offline name (e.g. 'smollm2-135m'), a .gguf file, a local model directory or a "
+                            "Hugging Face Hub name; 'tiny-random' (or 'tiny-random:ARCH') builds a tiny random Llama "
+                            "for offline pipeline checks: its answers are noise. Default: the model the --kb "
+                            "knowledge base was built with, else smollm2-135m")
     model.add_argument("--template", default=None, metavar="T",
                        help="block prompt format: 'chat' (the model's chat template), 'tulu3-block' (the paper's "
                             "checkpoint) or a block_template.json file. Default: block_template.json in the model "
@@ -168,7 +169,7 @@ def run(args) -> int:
     """Run ``blockrag eval``; returns the exit code."""
     import json
 
-    from blockrag.cli import is_tiny, load_engine
+    from blockrag.cli import DEFAULT_MODEL, is_tiny, load_engine
     from blockrag.eval.report import write_report
     from blockrag.eval.runner import RESULTS_FILE, EvalSettings, run_eval
 
@@ -178,9 +179,7 @@ def run(args) -> int:
         from blockrag.index import KnowledgeBase
 
         kb_model = KnowledgeBase.info(args.kb)["model"]  # a clear error before any model is loaded
-    model = args.model or kb_model.get("name")
-    if not model:
-        raise InvalidInputError("expected --model (or --kb with a recorded model), found neither")
+    model = args.model or kb_model.get("name") or DEFAULT_MODEL
     dataset = _load_data(args, modes, model)  # data errors surface before the model loads
     synthetic = args.data == SYNTHETIC
     stop = tuple(args.stop) if args.stop is not None else ((";",) if synthetic else ())
@@ -191,7 +190,7 @@ def run(args) -> int:
     _report_problems(dataset)
     template = _template(args.template, model, kb_model.get("template"))
     engine = load_engine(model, template=template, device=args.device, dtype=args.dtype,
-                         token_budget=args.token_budget)
+                         token_budget=args.token_budget, progress=getattr(args, "verbose", False))
     tiny = is_tiny(model)
     kb = None
     if args.kb is not None:

@@ -30,7 +30,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("finetune", help="block-fine-tune a model on JSONL RAG / chat records",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("model and data")
-    io.add_argument("--model", required=True, help="local model directory or Hub name (AutoModelForCausalLM)")
+    io.add_argument("--model", default="smollm2-135m",
+                    help="a short offline name, a .gguf file, a local model directory or a Hub name "
+                         "(default: smollm2-135m, the embedded SmolLM2-135M-Instruct)")
     io.add_argument("--data", required=True, nargs="+", help="one or more JSONL files of RAG and/or chat records")
     io.add_argument("--output-dir", required=True, help="where the fine-tuned model, log and checkpoints go")
     io.add_argument("--template", default="chat",
@@ -102,16 +104,16 @@ def _template(spec: str, tokenizer):
 
 
 def _train(args) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from blockrag.models import load
     from blockrag.rope import rope_spec
     from blockrag.train.collator import CopyRatio
     from blockrag.train.data import load_jsonl, render_all
     from blockrag.train.trainer import LoraSettings, TrainConfig, Trainer
 
     ratio = CopyRatio.parse(args.ratio)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    loaded = load(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                  trust_remote_code=args.trust_remote_code, progress=getattr(args, "verbose", False))
+    model, tokenizer = loaded.model, loaded.tokenizer
     template = _template(args.template, tokenizer)
     records = [r for path in args.data for r in load_jsonl(path)]
     samples, dropped = render_all(records, template, tokenizer, max_length=args.max_length,
@@ -121,10 +123,6 @@ def _train(args) -> int:
     if len(samples) < args.batch_size:
         raise InvalidInputError(f"expected at least --batch-size={args.batch_size} usable samples, found "
                                 f"{len(samples)}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
-                                                 attn_implementation=args.attn_implementation,
-                                                 trust_remote_code=args.trust_remote_code).to(device)
     rope_spec(model)  # NOTE: refuse, before training, a model the engine could not serve in block mode.
     lora = None
     if args.lora:
