@@ -8,8 +8,18 @@ llama3 rope scaling), random bf16 weights, passages of ~512 tokens, a ~64-token 
   block-gpu       block mode, KV resident on the GPU (Triton gather+rotate, GQA-native attention)
   block-host      block mode, KV in pinned host memory (layer-wise pipelined copies)
   block-host-fp8  the same with fp8 (e4m3) KV and per-(layer, head) scales, dequantised while gathering
-  block-graph     block-gpu with the final-block forward replayed from a CUDA graph (cuda_graphs=...)
+  block-graph     block-gpu with the final-block forward replayed from a CUDA graph (cuda_graphs=...); its
+                  attention is the Triton split-KV kernel (blockrag.kernels.final_block_attention)
+  block-graph-flash  the same graph with the previous attention (flash varlen over 4K chunks + causal tail +
+                  log-sum-exp merge), same run, for the side-by-side comparison
+  block-graph-host      bf16 blocks from pinned host memory: one copy to the device, then the graph path
   block-graph-host-fp8  fp8 blocks from pinned host memory: one copy to the device, then the graph path
+  block-disk-cold      blocks (bf16) in a DiskKVStore with the page cache of every file dropped
+                  (posix_fadvise DONTNEED) before each repeat; the keys are known (retrieval returned), reader
+                  threads read, verify and upload each block as soon as it is read, then the graph path
+  block-disk-cold-fp8  the same with the store's fp8 codec (read quantized, dequantised while gathering)
+  graph_replay    GPU time of the captured forward alone (replay, no host work around it), both attentions
+  attn_layer      one layer's attention at this context alone, each version captured in a CUDA graph
   floor           (weights + KV bytes) / measured device bandwidth (host: KV bytes / measured H2D bandwidth);
                   device bandwidth = a large device-to-device copy's (read + write) bytes per second
 CPU (--cpu or no CUDA): Qwen2.5-0.5B shape, fp32, totals 1K/2K/4K, full vs block.
@@ -142,6 +152,115 @@ def breakdown(engine, gpu_blocks, host_blocks, repeats: int) -> dict:
             "assemble_host_ms": 1e3 * median_time(from_host, repeats)}
 
 
+def replay_ms(engine) -> float:
+    """Median GPU time of the last-used captured graph's replay (events around the replay only)."""
+    import triton.testing
+
+    captured = next(iter(engine.graphs._graphs.values()))
+    return triton.testing.do_bench(captured.graph.replay, warmup=25, rep=200, return_mode="median")
+
+
+def attention_layer_us(context: int, final: int, bucket: int = 96) -> dict:
+    """One layer's final-block attention (32 q heads, 8 KV heads, head dim 128, bf16), each version captured
+    in its own CUDA graph, median microseconds: the split-KV kernel vs flash varlen + tail + merge."""
+    import triton.testing
+
+    from blockrag.graphs import GraphState, graph_attention
+    from blockrag.kernels import split_meta
+
+    device = torch.device("cuda")
+    chunk, chunks = 4096, -(-context // 4096)
+    q = torch.randn(1, bucket, 32, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, 8, chunks * chunk + bucket, 128, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    used = (context - torch.arange(chunks) * chunk).clamp(0, chunk)
+    rows = 4 * bucket
+    flash = GraphState(chunk=chunk, seqused=used.to(torch.int32).to(device), valid=(used > 0).to(device),
+                       cu_q=torch.arange(0, (chunks + 1) * rows, rows, dtype=torch.int32, device=device),
+                       cu_k=torch.arange(0, (chunks + 1) * chunk, chunk, dtype=torch.int32, device=device),
+                       tail=torch.arange(context, context + bucket, device=device))
+    split = dataclasses.replace(flash, meta=torch.tensor(split_meta(context, final, 16), dtype=torch.int32,
+                                                         device=device), max_splits=16)
+    out = {}
+    for name, state in (("attn_layer_triton_us", split), ("attn_layer_flash_us", flash)):
+        graph_attention(q, k, v, 128 ** -0.5, state)  # compile / select kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graph_attention(q, k, v, 128 ** -0.5, state)
+        out[name] = 1e3 * triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+    return out
+
+
+def _drop_page_cache(paths) -> None:
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_tier(engine, gpu_blocks, question: str, root: Path, repeats: int) -> dict:
+    """TTFT with the context blocks on disk and a cold page cache, bf16 and fp8 stores.
+
+    The clock starts when the block keys are known (retrieval has returned); 8 reader threads read, verify
+    and upload each block (prefetch), then the graph path runs over the device-resident blocks. Also
+    reported: the same with a warm page cache, and the cold read rate alone (file bytes / s).
+    """
+    out = {}
+    for fp8 in (False, True):
+        out.update(_disk_tier_one(engine, gpu_blocks, question, root, repeats, fp8))
+    return out
+
+
+def _disk_tier_one(engine, gpu_blocks, question, root, repeats, fp8) -> dict:
+    import shutil
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blockrag.store.disk import DiskKVStore
+
+    tag = "_fp8" if fp8 else ""
+    folder = Path(tempfile.mkdtemp(dir=root))
+    try:
+        store = DiskKVStore(folder, fp8=fp8, dequantize=False)
+        for b in gpu_blocks:
+            store.put(b.to("cpu"))
+        keys = [b.key for b in gpu_blocks]
+        paths = [store.path_of(k) for k in keys]
+        file_bytes = sum(p.stat().st_size for p in paths)
+
+        def fetch(key):
+            return store.get(key).to(engine.device)
+
+        cold, warm, reads = [], [], []
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            engine.prefill(list(pool.map(fetch, keys)), question)  # warm-up: graph captured, threads started
+            for _ in range(repeats):
+                _drop_page_cache(paths)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                engine.prefill(list(pool.map(fetch, keys)), question)
+                torch.cuda.synchronize()
+                cold.append(time.perf_counter() - start)
+                _drop_page_cache(paths)
+                start = time.perf_counter()
+                list(pool.map(store.get, keys))
+                reads.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                engine.prefill(list(pool.map(fetch, keys)), question)  # page cache warm now
+                torch.cuda.synchronize()
+                warm.append(time.perf_counter() - start)
+        return {f"block_disk_cold{tag}_ms": 1e3 * statistics.median(cold),
+                f"block_disk_warm{tag}_ms": 1e3 * statistics.median(warm),
+                f"disk_read_cold{tag}_GBps": file_bytes / statistics.median(reads) / 1e9,
+                f"disk_file{tag}_bytes": file_bytes}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_gpu(args) -> dict:
     device = torch.device("cuda")
     tokenizer = build_tokenizer(vocab_size=4096)
@@ -150,6 +269,11 @@ def run_gpu(args) -> dict:
     fast = BlockEngine(model, tokenizer, template=TEMPLATE)
     naive = BlockEngine(model, tokenizer, template=TEMPLATE, fast_attention=False, assemble_path="eager")
     graphed = BlockEngine(model, tokenizer, template=TEMPLATE, cuda_graphs=max(args.totals))
+    graphed_flash = BlockEngine(model, tokenizer, template=TEMPLATE)
+    from blockrag.graphs import FinalBlockGraphs
+
+    graphed_flash.graphs = FinalBlockGraphs(model, max(args.totals), attention="flash")
+    assert graphed.graphs.attention == "triton", graphed.graphs.attention
     question = passage_texts(tokenizer, 1, args.question_tokens, seed=99)[0]
     d2d, h2d = device_bandwidth(device)
     kv_per_token = 2 * 32 * 8 * 128 * 2
@@ -183,11 +307,25 @@ def run_gpu(args) -> dict:
         fp8_logits = fast.prefill(host_fp8, question).logits
         graph_call = functools.partial(graphed.prefill, gpu_blocks, question)
         row["block_graph_ms"] = 1e3 * median_time(graph_call, args.repeats)
+        row["block_graph_flash_ms"] = 1e3 * median_time(functools.partial(graphed_flash.prefill, gpu_blocks, question),
+                                                        args.repeats)
+        row["block_graph_host_ms"] = 1e3 * median_time(functools.partial(graphed.prefill, host_blocks, question),
+                                                       args.repeats)
         row["block_graph_host_fp8_ms"] = 1e3 * median_time(functools.partial(graphed.prefill, host_fp8, question),
                                                            args.repeats)
         reference = fast.prefill(gpu_blocks, question).logits
         row["graph_vs_fast_max_abs_logit_diff"] = float((graphed.prefill(gpu_blocks, question).logits
                                                          - reference).abs().max())
+        row["graph_flash_vs_fast_max_abs_logit_diff"] = float((graphed_flash.prefill(gpu_blocks, question).logits
+                                                               - reference).abs().max())
+        row["graph_replay_ms"] = replay_ms(graphed)
+        row["graph_replay_flash_ms"] = replay_ms(graphed_flash)
+        row.update(attention_layer_us(row["context_tokens"], row["final_tokens"]))
+        if args.disk:
+            try:
+                row.update(disk_tier(graphed, gpu_blocks, question, args.disk, args.repeats_disk))
+            except OSError as e:  # the disk tier depends on the machine's file system: record, carry on
+                row["disk_tier_error"] = repr(e)
         row["max_abs_logit"] = float(reference.abs().max())
         row["fp8_vs_bf16_max_abs_logit_diff"] = float((fp8_logits - reference).abs().max())
         row["naive_vs_fast_max_abs_logit_diff"] = float((naive.prefill(gpu_blocks, question).logits
@@ -270,6 +408,8 @@ def main() -> int:
     parser.add_argument("--question-tokens", type=int, default=None, help="tokens in the question")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats of block mode (median)")
     parser.add_argument("--repeats-full", type=int, default=3, help="timed repeats of full prefill (median)")
+    parser.add_argument("--disk", type=Path, default=None, help="folder for the disk-tier columns (off if unset)")
+    parser.add_argument("--repeats-disk", type=int, default=3, help="timed cold-cache repeats of the disk tier")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and not args.cpu

@@ -90,13 +90,28 @@ def _attend_context(query: Tensor, key: Tensor, value: Tensor, scale: float) -> 
     return outs, lses
 
 
-def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+def _split_kv_kernel_applies(query: Tensor, key: Tensor) -> bool:
+    """The Triton split-KV kernel (``blockrag.kernels``) takes 16-bit CUDA tensors with a power-of-two head dim."""
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or key.stride(-1) != 1:
+        return False
+    dim = query.shape[-1]
+    if dim < 16 or dim & (dim - 1):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, kernel: bool = True) -> Tensor:
     """Bottom-right causal attention with grouped KV: query i sees keys 0 .. N - q + i.
 
     Args:
         query: (1, Hq, q, D).
         key, value: (1, Hkv, N, D), N >= q, Hq a multiple of Hkv; the last q keys belong to the queries.
         scale: softmax scale.
+        kernel: use the Triton split-KV kernel where it applies (16-bit CUDA, power-of-two head dim).
 
     Returns:
         (1, Hq, q, D).
@@ -107,6 +122,12 @@ def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: floa
     context = n - q_len
     if q_len == 1 or context == 0:
         return F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scale, enable_gqa=True)
+    if kernel and _split_kv_kernel_applies(query, key):
+        from blockrag.kernels import final_block_attention as split_kv
+        from blockrag.kernels import split_meta
+
+        meta = torch.tensor(split_meta(context, q_len, 16), dtype=torch.int32).to(query.device, non_blocking=True)
+        return split_kv(query, key, value, scale, meta, 16).transpose(1, 2)
     folded = query.reshape(batch, kv_heads, groups * q_len, dim)  # heads of one KV group become rows
     outs, lses = _attend_context(folded, key[:, :, :context], value[:, :, :context], scale)
     outs = [o.reshape(-1, q_heads, q_len, dim) for o in outs]

@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicLayer
 
 from blockrag.assemble import BufferLayer, block_offsets, gather_plans
 from blockrag.attention import _attend, merge_partials
-from blockrag.kernels import gather_rotate
+from blockrag.kernels import final_block_attention, gather_rotate, split_meta
 
 BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # final-block lengths; padding costs rows
 
@@ -44,6 +44,8 @@ class GraphState:
     cu_q: Tensor  # (S+1,) int32 query offsets of each chunk (rows of folded queries)
     cu_k: Tensor  # (S+1,) int32 key offsets of each chunk in the buffer
     tail: Tensor  # (q,) int64 cache slots of the final block: n .. n+q-1
+    meta: Tensor | None = None  # (4,) int32 ``kernels.split_meta``: set for the split-KV Triton kernel
+    max_splits: int = 0
 
 
 def graph_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, state: GraphState) -> Tensor:
@@ -56,6 +58,8 @@ def graph_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, sta
     Returns:
         (1, Hq, q, D).
     """
+    if state.meta is not None:  # one split-KV kernel + one merge, context and final block together
+        return final_block_attention(query, key, value, scale, state.meta, state.max_splits).transpose(1, 2)
     _, q_heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     groups = q_heads // kv_heads
@@ -108,9 +112,13 @@ class FinalBlockGraphs:
         chunk: context chunk length for the split attention.
         buckets: final-block lengths that get a graph (a final block is padded to the next one).
         decode_room: buffer slots kept after the final block for generated tokens (more grow the cache).
+        attention: "triton" (``kernels.final_block_attention``: split-KV over the context and the final block
+            in one launch, padding rows skipped), "flash" (flash varlen over fixed chunks + causal tail +
+            merge) or "auto" (triton where the head dim is a power of two).
     """
 
-    def __init__(self, model, max_context: int, chunk: int = 4096, buckets=BUCKETS, decode_room: int = 512):
+    def __init__(self, model, max_context: int, chunk: int = 4096, buckets=BUCKETS, decode_room: int = 512,
+                 attention: str = "auto", max_splits: int = 16):
         config = model.config.get_text_config()
         self.model = model
         self.buckets = tuple(sorted(buckets))
@@ -122,6 +130,11 @@ class FinalBlockGraphs:
         layers, heads = config.num_hidden_layers, config.num_key_value_heads
         dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         capacity = self.chunks * chunk + self.buckets[-1] + decode_room
+        if attention == "auto":
+            attention = "triton" if dim >= 16 and not dim & (dim - 1) else "flash"
+        if attention not in ("triton", "flash"):
+            raise ValueError(f"expected attention 'auto', 'triton' or 'flash', found {attention!r}")
+        self.attention, self.max_splits = attention, max_splits
         self.keys = torch.empty(layers, 1, heads, capacity, dim, dtype=dtype, device=device)
         self.values = torch.empty_like(self.keys)
         self.lock = threading.Lock()
@@ -155,6 +168,9 @@ class FinalBlockGraphs:
         used = (context - torch.arange(self.chunks) * self.chunk).clamp(0, self.chunk)
         captured.state.seqused.copy_(used.to(torch.int32), non_blocking=True)
         captured.state.valid.copy_(used > 0, non_blocking=True)
+        if captured.state.meta is not None:
+            meta = split_meta(context, q, self.max_splits)
+            captured.state.meta.copy_(torch.tensor(meta, dtype=torch.int32), non_blocking=True)
         captured.graph.replay()
         cache = DynamicCache(config=self.model.config)
         cache.layers = [BufferLayer(self.keys[i], self.values[i], context + q) for i in range(self.keys.shape[0])]
@@ -171,6 +187,9 @@ class FinalBlockGraphs:
             cu_k=torch.arange(0, (self.chunks + 1) * self.chunk, self.chunk, dtype=torch.int32, device=device),
             tail=torch.arange(bucket, device=device),
         )
+        if self.attention == "triton":
+            state.meta = torch.tensor(split_meta(0, bucket, self.max_splits), dtype=torch.int32, device=device)
+            state.max_splits = self.max_splits
         ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
         positions = torch.arange(bucket, device=device)[None]
         last = torch.full((1,), bucket - 1, dtype=torch.long, device=device)

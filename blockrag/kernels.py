@@ -127,3 +127,189 @@ def gather_rotate(plan: GatherPlan, row: int, dst_k: Tensor, dst_v: Tensor, scal
         REST=dim - 2 * half, REST_P2=max(1, triton.next_power_of_2(max(1, dim - 2 * half))),
         FP8=plan.scale_ptrs is not None, BLOCK_T=block_t,
     )
+
+
+# --- split-KV attention of a final block over a long context (flash-decoding style) ------------------------
+#
+# The final block's q queries attend to n context keys (all of them) and, causally, to their own q keys, which
+# sit right after the context in the same (Hkv, cap, D) buffer: query token t sees keys 0 .. n + t. The G query
+# heads of one KV group are folded into rows (row = t * G + g), so one program's BLOCK_M rows share every KV
+# tile it loads, and the programs that work on one KV split run side by side (row tiles vary fastest), so each
+# tile comes from memory about once. The keys are split into ``splits`` chunks (lengths and split size read
+# from a device tensor ``meta``, so one launch shape serves any context length inside a CUDA graph); each split
+# writes a normalised partial output and its log2-sum-exp, and a second kernel merges the splits and writes
+# the result in the (q, Hq, D) layout the model expects. Rows of padding tokens (t >= q_real) are skipped
+# and come out as zeros: no real token sees them.
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _read_meta(meta_ptr):
+    # NOTE: one vector load and reductions: scalars stay 0-d under the CPU interpreter (TRITON_INTERPRET=1).
+    i = tl.arange(0, 4)
+    meta = tl.load(meta_ptr + i)
+    return (tl.sum(tl.where(i == 0, meta, 0)), tl.sum(tl.where(i == 1, meta, 0)), tl.sum(tl.where(i == 2, meta, 0)),
+            tl.sum(tl.where(i == 3, meta, 0)))
+
+
+@triton.jit
+def _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start, stop, hi, limit, qk_scale,
+                    D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    d = tl.arange(0, D)
+    for first in range(start, stop, BLOCK_N):
+        cols = first + tl.arange(0, BLOCK_N)
+        if MASKED:
+            inside = cols < hi
+            kt = tl.load(k_base + cols[None, :] * stride_kt + d[:, None], mask=inside[None, :], other=0.0)
+        else:
+            kt = tl.load(k_base + cols[None, :] * stride_kt + d[:, None])
+        scores = tl.dot(q, kt) * qk_scale
+        if MASKED:
+            keep = inside[None, :] & (cols[None, :] <= limit[:, None])
+            scores = tl.where(keep, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.math.exp2(scores - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :], mask=inside[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _split_kv_kernel(
+    q_ptr, k_ptr, v_ptr, meta_ptr, part_o, part_lse,
+    stride_qh, stride_qt, stride_qd, stride_kh, stride_kt, stride_vh, stride_vt,
+    rows_total, kv_heads, qk_scale,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    h = tl.program_id(2)
+    n, q_real, chunk, splits = _read_meta(meta_ptr)
+    total = n + q_real  # the last real token sees keys up to n + q_real - 1
+    lo = split * chunk
+    real_rows = G * q_real
+    if split >= splits or lo >= total or tile * BLOCK_M >= real_rows:
+        return
+    hi = tl.minimum(lo + chunk, total)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = rows // G
+    head = h * G + rows % G
+    d = tl.arange(0, D)
+    row_ok = rows < rows_total
+    q = tl.load(q_ptr + head[:, None].to(tl.int64) * stride_qh + t[:, None] * stride_qt + d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    k_base = k_ptr + h.to(tl.int64) * stride_kh
+    v_base = v_ptr + h.to(tl.int64) * stride_vh
+    limit = n + t
+    # NOTE: a finite start for the running max: a row may see no key at all in a split of the final block.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    # Whole tiles of context keys need no mask; the rest (context remainder, final block) is masked.
+    full_end = lo + tl.maximum(tl.minimum(hi, n) - lo, 0) // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, full_end, hi,
+                                    limit, qk_scale, D=D, BLOCK_N=BLOCK_N, MASKED=False)
+    acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, full_end, hi, hi,
+                                    limit, qk_scale, D=D, BLOCK_N=BLOCK_N, MASKED=True)
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    base = (split * kv_heads + h).to(tl.int64) * rows_total
+    tl.store(part_o + (base + rows[:, None]) * D + d[None, :], out, mask=row_ok[:, None])
+    tl.store(part_lse + base + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_o, part_lse, out_ptr, meta_ptr, stride_ot, stride_oh, rows_total, kv_heads,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    n, q_real, chunk, splits = _read_meta(meta_ptr)
+    active = tl.minimum(splits, tl.cdiv(n + q_real, chunk))
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < rows_total
+    real = rows < G * q_real
+    d = tl.arange(0, D)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for split in range(0, active):
+        base = (split * kv_heads + h).to(tl.int64) * rows_total
+        m = tl.maximum(m, tl.load(part_lse + base + rows, mask=real, other=float("-inf")))
+    m = tl.where(real, m, 0.0)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    weight = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for split in range(0, active):
+        base = (split * kv_heads + h).to(tl.int64) * rows_total
+        w = tl.math.exp2(tl.load(part_lse + base + rows, mask=real, other=float("-inf")) - m)
+        o = tl.load(part_o + (base + rows[:, None]) * D + d[None, :], mask=real[:, None], other=0.0)
+        acc += w[:, None] * o
+        weight += w
+    out = tl.where(real[:, None], acc / tl.where(real, weight, 1.0)[:, None], 0.0)
+    t = rows // G
+    head = h * G + rows % G
+    tl.store(out_ptr + t[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+SPLIT_BLOCK_N = 64
+SPLIT_BLOCK_M = 128
+MERGE_BLOCK_M = 32
+
+
+def split_meta(context: int, q_real: int, max_splits: int, min_chunk: int = 256) -> list[int]:
+    """[n, q_real, chunk, splits] for ``final_block_attention``: the keys 0..n+q_real-1 cut into equal chunks.
+
+    ``splits`` is at most ``max_splits`` (the launch's grid) and each chunk at least ``min_chunk`` keys, a
+    multiple of the key tile, so short contexts use few splits and long ones the whole grid.
+    """
+    total = context + q_real
+    splits = max(1, min(max_splits, -(-total // min_chunk)))
+    chunk = -(-total // splits)
+    chunk = -(-chunk // SPLIT_BLOCK_N) * SPLIT_BLOCK_N
+    return [context, q_real, chunk, -(-total // chunk)]
+
+
+def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, meta: Tensor,
+                          max_splits: int) -> Tensor:
+    """Bottom-right causal grouped attention of a final block over a KV buffer, lengths from ``meta``.
+
+    Args:
+        query: (1, Hq, qb, D) 16-bit, any strides; tokens q_real.. of the qb are padding.
+        key, value: (1, Hkv, cap, D) with unit stride in D; context keys in slots 0..n-1, the final block's own
+            keys in slots n..n+qb-1 (cap >= n + qb).
+        scale: softmax scale.
+        meta: int32 device tensor ``split_meta(n, q_real, max_splits)``.
+        max_splits: grid size along the keys (>= meta's splits).
+
+    Returns:
+        (1, qb, Hq, D) contiguous, query dtype; padding tokens' rows are zero.
+    """
+    _, q_heads, qb, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = q_heads // kv_heads
+    rows = groups * qb
+    if dim & (dim - 1) or dim < 16:
+        raise ValueError(f"head dim must be a power of two >= 16, found {dim}")
+    part_o = torch.empty(max_splits, kv_heads, rows, dim, dtype=torch.float32, device=query.device)
+    part_lse = torch.empty(max_splits, kv_heads, rows, dtype=torch.float32, device=query.device)
+    out = torch.empty(1, qb, q_heads, dim, dtype=query.dtype, device=query.device)
+    tiles = triton.cdiv(rows, SPLIT_BLOCK_M)
+    _split_kv_kernel[(tiles, max_splits, kv_heads)](
+        query, key, value, meta, part_o, part_lse,
+        query.stride(1), query.stride(2), query.stride(3), key.stride(1), key.stride(2), value.stride(1),
+        value.stride(2), rows, kv_heads, scale * LOG2E,
+        G=groups, D=dim, BLOCK_M=SPLIT_BLOCK_M, BLOCK_N=SPLIT_BLOCK_N, num_warps=8, num_stages=3,
+    )
+    _merge_splits_kernel[(triton.cdiv(rows, MERGE_BLOCK_M), kv_heads)](
+        part_o, part_lse, out, meta, out.stride(1), out.stride(2), rows, kv_heads,
+        G=groups, D=dim, BLOCK_M=MERGE_BLOCK_M, num_warps=4,
+    )
+    return out

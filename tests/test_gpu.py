@@ -77,19 +77,62 @@ def test_gather_rotate_and_host_path_equal_eager(dtype, atol, rotary_dim, head_d
         assert (gpu_k.float() - unrotated.float()).abs().max() > 0.1
 
 
+def _expected_attention(q, k, v, context, q_real=None, causal=True):
+    """float64 bottom-right causal GQA attention, by repeat_kv and an explicit mask; padding rows zeroed."""
+    heads, q_len = q.shape[1], q.shape[2]
+    groups = heads // k.shape[1]
+    kk = k[:, :, : context + q_len].double().repeat_interleave(groups, 1)
+    vv = v[:, :, : context + q_len].double().repeat_interleave(groups, 1)
+    scores = q.double() @ kk.transpose(-1, -2) * q.shape[-1] ** -0.5
+    keep = torch.ones(q_len, context + q_len, dtype=torch.bool, device=q.device)
+    keep = keep.tril(context) if causal else keep
+    out = scores.masked_fill(~keep, float("-inf")).softmax(-1) @ vv
+    if q_real is not None:
+        out[:, :, q_real:] = 0
+    return out
+
+
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("context", [100, 9000, 32768])
-def test_split_context_attention_bf16_matches_float64(context):
+def test_split_context_attention_bf16_matches_float64(context, kernel):
     torch.manual_seed(1)
     q = torch.randn(1, 32, 64, 128, device=CUDA, dtype=torch.bfloat16)
     k = torch.randn(1, 8, context + 64, 128, device=CUDA, dtype=torch.bfloat16)
     v = torch.randn(1, 8, context + 64, 128, device=CUDA, dtype=torch.bfloat16)
-    out = final_block_attention(q, k, v, 128 ** -0.5)
+    out = final_block_attention(q, k, v, 128 ** -0.5, kernel=kernel)
     kk, vv = k.double().repeat_interleave(4, 1), v.double().repeat_interleave(4, 1)
     scores = q.double() @ kk.transpose(-1, -2) * 128 ** -0.5
     keep = torch.ones(64, context + 64, dtype=torch.bool, device=CUDA).tril(context)
     expected = scores.masked_fill(~keep, float("-inf")).softmax(-1) @ vv
     rel = (out.double() - expected).norm() / expected.norm()
     assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("context,q_real,qb", [(0, 40, 48), (300, 71, 96), (4000, 71, 96), (32335, 71, 96),
+                                               (32768, 128, 128)])
+def test_split_kv_kernel_bf16_matches_float64(context, q_real, qb):
+    """The Triton kernel over a static buffer (graph layout): HF query strides, padding rows, slack slots."""
+    from blockrag.kernels import final_block_attention as split_kv
+    from blockrag.kernels import split_meta
+
+    torch.manual_seed(context)
+    q = torch.randn(1, qb, 32, 128, device=CUDA, dtype=torch.bfloat16).transpose(1, 2)  # (1, Hq, qb, D) view
+    cap = context + qb + 100
+    k = torch.randn(1, 8, cap, 128, device=CUDA, dtype=torch.bfloat16)
+    v = torch.randn(1, 8, cap, 128, device=CUDA, dtype=torch.bfloat16)
+    k[:, :, context + qb:] = float("nan")  # slots past the final block must never be read
+    v[:, :, context + qb:] = float("nan")
+    for splits in (1, 16):
+        meta = torch.tensor(split_meta(context, q_real, splits), dtype=torch.int32, device=CUDA)
+        out = split_kv(q, k, v, 128 ** -0.5, meta, splits)  # (1, qb, Hq, D)
+        expected = _expected_attention(q, k, v, context, q_real).transpose(1, 2)
+        assert torch.isfinite(out).all()
+        rel = (out.double() - expected).norm() / expected.norm()
+        assert rel < 1e-2, (splits, rel)
+        # negative control: attention without the final block's causal mask is measurably different
+        open_tail = _expected_attention(q, k, v, context, q_real, causal=False)
+        wrong = (out.double() - open_tail.transpose(1, 2)).norm() / expected.norm()
+        assert wrong > 5 * rel, (wrong, rel)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -120,7 +163,8 @@ def test_engine_fast_path_matches_reference_on_gpu(dtype, tokenizer):
             slow.generate(passages, "Which?", max_new_tokens=12).token_ids
 
 
-def test_cuda_graph_prefill_matches_the_eager_fast_path(tokenizer):
+@pytest.mark.parametrize("attention", ["triton", "flash"])
+def test_cuda_graph_prefill_matches_the_eager_fast_path(tokenizer, attention):
     from blockrag import BlockEngine
     from blockrag.graphs import FinalBlockGraphs
     from blockrag.testing import tiny_model
@@ -128,7 +172,8 @@ def test_cuda_graph_prefill_matches_the_eager_fast_path(tokenizer):
     model = tiny_model("qwen3", vocab_size=len(tokenizer), dtype=torch.bfloat16).to(CUDA)
     eager = BlockEngine(model, tokenizer, fast_attention=True)
     graphed = BlockEngine(model, tokenizer, fast_attention=True)
-    graphed.graphs = FinalBlockGraphs(model, max_context=1024, chunk=64)  # small chunks: many of them in play
+    # small chunks / few keys per split: many of them in play
+    graphed.graphs = FinalBlockGraphs(model, max_context=1024, chunk=64, attention=attention, max_splits=8)
     passages = [f"Passage {i} is about caches and rotary embeddings, number {i}." * (1 + i % 2) for i in range(12)]
     for count in (1, 5, 12):  # different context lengths replay the same captured graph
         for question in ("Which?", "Which passage talks about number seven, and why?"):
@@ -154,3 +199,25 @@ def test_cuda_graph_prefill_matches_the_eager_fast_path(tokenizer):
     finally:
         graphed.graphs.lock.release()
     torch.testing.assert_close(busy.logits, eager.prefill(passages[:5], "Which?").logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["triton", "flash"])
+def test_cuda_graph_prefill_matches_block_masked_reference(tokenizer, attention):
+    """bf16 graph replay (split-KV kernel or flash) against ONE block-masked forward in float32."""
+    from blockrag import BlockEngine
+    from blockrag.graphs import FinalBlockGraphs
+    from blockrag.testing import tiny_model
+
+    model = tiny_model("llama3", vocab_size=len(tokenizer), dtype=torch.bfloat16).to(CUDA)
+    graphed = BlockEngine(model, tokenizer, fast_attention=True)
+    graphed.graphs = FinalBlockGraphs(model, max_context=2048, attention=attention, max_splits=16)
+    passages = [f"Passage {i} keeps facts about rotary caches, item {i}." * (1 + i % 4) for i in range(20)]
+    got = graphed.prefill(passages, "Which passage keeps item seven?")
+    assert len(graphed.graphs._graphs) == 1  # the graph path ran (no eager fallback)
+    assert got.usage.prefilled_tokens == len(got.final_ids)
+    ref = reference_logits(model.float(), [list(x.token_ids) for x in got.blocks], got.final_ids)[-1].cpu()
+    other = reference_logits(model, [list(x.token_ids) for x in got.blocks[:1]], got.final_ids)[-1].cpu()
+    model.to(torch.bfloat16)
+    tol = 5e-2 * ref.abs().max().item()
+    torch.testing.assert_close(got.logits, ref, atol=tol, rtol=0)
+    assert (other - ref).abs().max() > 2 * tol  # negative control: dropping the passages is detected
