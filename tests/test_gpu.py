@@ -210,8 +210,8 @@ def test_cuda_graph_prefill_matches_block_masked_reference(tokenizer, attention)
 
     model = tiny_model("llama3", vocab_size=len(tokenizer), dtype=torch.bfloat16).to(CUDA)
     graphed = BlockEngine(model, tokenizer, fast_attention=True)
-    graphed.graphs = FinalBlockGraphs(model, max_context=2048, attention=attention, max_splits=16)
-    passages = [f"Passage {i} keeps facts about rotary caches, item {i}." * (1 + i % 4) for i in range(20)]
+    graphed.graphs = FinalBlockGraphs(model, max_context=1024, attention=attention, max_splits=16)
+    passages = [f"Passage {i} keeps facts about rotary caches, item {i}." * (1 + i % 3) for i in range(12)]
     got = graphed.prefill(passages, "Which passage keeps item seven?")
     assert len(graphed.graphs._graphs) == 1  # the graph path ran (no eager fallback)
     assert got.usage.prefilled_tokens == len(got.final_ids)
