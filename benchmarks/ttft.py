@@ -122,11 +122,14 @@ def device_bandwidth(device) -> tuple[float, float]:
 
 
 def commit() -> str:
+    """BLOCKRAG_COMMIT if set (a copy without .git inside another checkout would report that one), else git's."""
+    if os.environ.get("BLOCKRAG_COMMIT"):
+        return os.environ["BLOCKRAG_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or os.environ.get("BLOCKRAG_COMMIT", "?")
+                              cwd=Path(__file__).parent).stdout.strip() or "?"
     except OSError:
-        return os.environ.get("BLOCKRAG_COMMIT", "?")
+        return "?"
 
 
 def breakdown(engine, gpu_blocks, host_blocks, repeats: int) -> dict:
