@@ -178,6 +178,8 @@ def run(args) -> int:
         return 0
     os.environ[OPTIONS_ENV] = json.dumps(options)
     print(f"blockrag serve: http://{args.host}:{args.port}/ with {args.workers} workers", file=sys.stderr, flush=True)
+    # NOTE: the supervisor pings each worker; one loading a model or decoding on a busy CPU can miss uvicorn's
+    # default 5 s and be killed as hung, so allow a minute. A worker that dies is replaced.
     uvicorn.run("blockrag.serve.cli:worker_app", factory=True, workers=args.workers, host=args.host, port=args.port,
-                log_level=log_level, access_log=options["verbose"])
+                log_level=log_level, access_log=options["verbose"], timeout_worker_healthcheck=60)
     return 0

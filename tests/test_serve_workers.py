@@ -1,0 +1,76 @@
+"""``blockrag serve --workers 2`` over one real Redis: a block one worker encoded is a cache hit for the other,
+and a worker killed with SIGKILL leaves the other serving."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+redis = pytest.importorskip("redis")
+
+from redis_helpers import RedisProcess  # noqa: E402
+from serve_process import ServeProcess  # noqa: E402
+
+MODEL = "tiny-random"
+
+
+def _request(text: str) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "What does it say?"}], "max_tokens": 4,
+            "documents": [{"title": "Note", "text": text}]}
+
+
+async def _round(url: str, text: str, n: int = 4) -> list[tuple[int, int, int]]:
+    """n concurrent requests on fresh connections: (worker pid, cached tokens, encoded tokens) each."""
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        responses = await asyncio.gather(*[http.post("/v1/chat/completions", json=_request(text)) for _ in range(n)])
+    out = []
+    for r in responses:
+        assert r.status_code == 200, r.text
+        body = r.json()
+        out.append((int(r.headers["x-blockrag-worker"]), body["usage"]["prompt_tokens_details"]["cached_tokens"],
+                    body["blockrag"]["encoded_tokens"]))
+    return out
+
+
+def test_two_workers_share_blocks_through_redis_and_survive_sigkill(tmp_path):
+    prefix = f"workers-{uuid.uuid4().hex[:8]}:"
+    with RedisProcess() as server, ServeProcess("--model", MODEL, "--workers", "2", "--store",
+                                                f"{server.url}?prefix={prefix}",
+                                                log_path=tmp_path / "serve.log") as serve:
+        shared = None
+        seen: set[int] = set()
+        for i in range(12):
+            rows = asyncio.run(_round(serve.url, f"Fact number {i}: the {uuid.uuid4().hex[:6]} lamp is green."))
+            seen |= {pid for pid, _, _ in rows}
+            encoders = {pid for pid, _, encoded in rows if encoded > 0}
+            # a worker that never encoded this fresh document yet had every token cached got it from Redis
+            readers = [row for row in rows if row[0] not in encoders and row[2] == 0]
+            if len(encoders) == 1 and readers:
+                shared = (encoders.pop(), readers[0])
+                break
+        assert shared is not None, f"no round showed a cross-worker hit; workers seen: {seen}"
+        encoder, (reader, cached, _) = shared
+        assert reader != encoder and cached > 0
+        client = redis.Redis.from_url(server.url)
+        assert any(True for _ in client.scan_iter(match=prefix + "*"))  # the blocks really are in Redis
+        client.close()
+
+        victim = reader
+        assert victim in serve.worker_pids()
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(0.5)
+        answered = []
+        for i in range(10):
+            r = httpx.post(serve.url + "/v1/chat/completions", json=_request(f"after the kill {i}"), timeout=60)
+            assert r.status_code == 200, r.text
+            answered.append(int(r.headers["x-blockrag-worker"]))
+        assert victim not in answered
+        assert httpx.get(serve.url + "/health", timeout=10).json()["status"] == "ok"
