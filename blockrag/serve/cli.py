@@ -28,12 +28,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve POST /v1/chat/completions (OpenAI schema; extra fields documents, rag, mode), "
                     "/v1/models, /v1/kb/search, /health and a question-answering page at /.")
     p.add_argument("--model", default=None, metavar="M",
-                   help="model name or local path ('tiny-random' for a tiny random model); default: the knowledge "
-                        "base's model")
+                   help="any name blockrag.models loads: a short offline name, a .gguf file, a model directory, a Hub "
+                        "name, or 'tiny-random' (answers are noise). Default: the knowledge base's model, else the "
+                        "embedded default model")
     p.add_argument("--kb", default=None, metavar="DIR", help="knowledge base for rag requests and /v1/kb/search")
     p.add_argument("--store", default=None, metavar="URL",
-                   help="KV store for request documents (memory://, disk:///path?max_bytes=10G, redis://host:port/db"
-                        "?prefix=...&ttl=3600); a non-memory store gets an in-memory LRU in front. Default: memory")
+                   help="KV store of the engine (memory://, disk:///path?max_bytes=10G, redis://host:port/db"
+                        "?prefix=...&ttl=3600); a non-memory store gets an in-memory LRU in front; a knowledge base's "
+                        "own blocks are read after it. Default: memory")
     p.add_argument("--memory-front", default="1G", metavar="SIZE",
                    help="bytes of the in-memory LRU in front of a --store that is not memory (default 1G; 0: none)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -70,21 +72,12 @@ def options_from_args(args) -> dict[str, Any]:
     return options
 
 
-def _load_engine(model: str, template: str, device: str | None, dtype: str, store):
-    # TODO(#17): use the one model loader once it exists; this mirrors the CLI's load_engine plus a store.
+def _load_engine(model: str, template: str | None, device: str | None, dtype: str, store):
     from blockrag import BlockEngine
-    from blockrag.cli import is_tiny
+    from blockrag.models import load
 
-    if is_tiny(model):
-        from blockrag.testing import tiny_pipeline
-
-        arch = model.split(":", 1)[1] if ":" in model else "llama"
-        tiny, tokenizer = tiny_pipeline(arch, seed=0)
-        return BlockEngine(tiny, tokenizer, template=template, store=store)
-    import torch
-
-    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
-    return BlockEngine.from_pretrained(model, device=device, dtype=torch_dtype, template=template, store=store)
+    loaded = load(model, device=device, dtype=dtype)
+    return BlockEngine(loaded.model, loaded.tokenizer, template=template or loaded.template or "chat", store=store)
 
 
 def build_store(url: str | None, memory_front: str):
@@ -103,7 +96,6 @@ def build_store(url: str | None, memory_front: str):
 
 def build_app(options: dict[str, Any]):
     """The app for one worker: engine (+ knowledge base) loaded from ``options`` (see ``options_from_args``)."""
-    from blockrag.errors import InvalidInputError
     from blockrag.serve.app import ServeConfig, create_app
     from blockrag.serve.protocol import Limits
     from blockrag.store.factory import parse_size
@@ -114,20 +106,18 @@ def build_app(options: dict[str, Any]):
         from blockrag.index import KnowledgeBase
 
         recorded = KnowledgeBase.info(options["kb"])["model"]
-        if options.get("store"):
-            raise InvalidInputError("expected either --kb (its own disk store) or --store, found both; the knowledge "
-                                    "base keeps its blocks in its own directory")
-    model = options.get("model") or recorded.get("name")
-    if not model:
-        raise InvalidInputError("expected --model (or --kb with a recorded model), found none")
-    template = options.get("template") or recorded.get("template") or "chat"
-    if template not in ("chat", "tulu3-block"):
-        template = "chat"
+    from blockrag.models import DEFAULT_MODEL
+
+    model = options.get("model") or recorded.get("name") or DEFAULT_MODEL
+    template = options.get("template") or recorded.get("template")
+    if template not in (None, "chat", "tulu3-block"):
+        template = "chat"  # a custom template cannot be rebuilt from its name
     engine = _load_engine(model, template, options.get("device"), options.get("dtype", "auto"),
                           build_store(options.get("store"), options.get("memory_front", "1G")))
     if options.get("kb"):
         from blockrag.index import KnowledgeBase
 
+        # NOTE: the knowledge base attaches its disk store behind the engine's own (memory, or --store's)
         kb = KnowledgeBase.open(options["kb"], engine, model_name=model)
     limits = Limits(max_body_bytes=parse_size(options.get("max_body_bytes", "4M")),
                     max_documents=options.get("max_documents", 32),
