@@ -1,8 +1,8 @@
-"""Blocks -> a transformers cache. The only module that knows the HF cache layout.
+"""Blocks -> a transformers cache over one preallocated buffer per layer.
 
-transformers 5.x: a ``DynamicCache`` whose layers hold ``[B, H, T, D]`` keys (after RoPE) and values. Here
-each layer is a ``BufferLayer``: a view into one preallocated buffer with room for the final block and the
-tokens to be generated, so neither the prefill nor decoding re-concatenates the context.
+The buffer holds every block's keys (rotated to the block's offset) and values, with room for the final
+block and the tokens to be generated, so neither the prefill nor decoding re-concatenates the context;
+``blockrag.hf.buffer_cache`` wraps it as the cache the model takes.
 
 Three ways to fill the buffer, same result:
 * eager (CPU, or no triton): rotate each block with ``rope.rotate_keys`` and copy it in;
@@ -18,48 +18,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
+from blockrag.hf import KVCache, buffer_cache
 from blockrag.kv import KVBlock
 from blockrag.rope import RopeSpec, rotate_keys
-
-
-class BufferLayer(DynamicLayer):
-    """A cache layer over a preallocated (1, H, cap, D) buffer: ``update`` writes in place.
-
-    ``before_use`` (optional) runs once before the first update, e.g. to wait for this layer's copy.
-    """
-
-    def __init__(self, keys: Tensor, values: Tensor, length: int, before_use: Callable[[], None] | None = None):
-        super().__init__()
-        self._keys_buf, self._values_buf = keys, values
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
-        self._before_use = before_use
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if self._before_use is not None:
-            ready, self._before_use = self._before_use, None
-            ready()
-        start, added = self.keys.shape[-2], key_states.shape[-2]
-        if start + added > self._keys_buf.shape[-2]:
-            self._grow(start + added)
-        self._keys_buf[:, :, start : start + added].copy_(key_states)
-        self._values_buf[:, :, start : start + added].copy_(value_states)
-        self.keys = self._keys_buf[:, :, : start + added]
-        self.values = self._values_buf[:, :, : start + added]
-        return self.keys, self.values
-
-    def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self._keys_buf.shape[-2])
-        keys = self._keys_buf.new_empty(*self._keys_buf.shape[:2], capacity, self._keys_buf.shape[-1])
-        values = self._values_buf.new_empty(*self._values_buf.shape[:2], capacity, self._values_buf.shape[-1])
-        length = self.keys.shape[-2]
-        keys[:, :, :length] = self.keys
-        values[:, :, :length] = self.values
-        self._keys_buf, self._values_buf = keys, values
 
 
 def block_offsets(blocks: Sequence[KVBlock]) -> list[int]:
@@ -136,7 +98,7 @@ def gather_plans(blocks: Sequence[KVBlock], keys: Sequence[Tensor], values: Sequ
 def assemble_cache(
     blocks: Sequence[KVBlock], rope: RopeSpec, config, device: torch.device, *, reencode: bool = True,
     capacity: int = 0, path: str | None = None, dtype: torch.dtype | None = None,
-) -> tuple[DynamicCache, int]:
+) -> tuple[KVCache, int]:
     """Concatenate blocks into a fresh cache, each block's keys rotated to its offset.
 
     Args:
@@ -177,9 +139,7 @@ def assemble_cache(
             k = block.keys
             keys[:, 0, :, offset : offset + block.num_tokens] = rotate_keys(k, delta, rope.inv_freq) if delta else k
             values[:, 0, :, offset : offset + block.num_tokens] = block.values
-    cache = DynamicCache(config=config)
-    cache.layers = [BufferLayer(keys[i], values[i], total, ready[i]) for i in range(layers)]
-    return cache, total
+    return buffer_cache(config, keys, values, total, ready), total
 
 
 def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callable[[], None]]:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from blockrag.hf import register_attention, sdpa_attention
+
 ATTENTION_NAME = "blockrag"
 
 
@@ -148,10 +150,7 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return graph_attention(query, key, value, scale, graph_state).transpose(1, 2).contiguous(), None
     if query.shape[0] != 1 or dropout or key.shape[-1] != value.shape[-1]:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = final_block_attention(query, key, value, scale)
     return out.transpose(1, 2).contiguous(), None
@@ -163,9 +162,4 @@ def _no_mask(*args, **kwargs):
 
 def register() -> str:
     """Register the attention implementation with transformers (idempotent); returns its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    AttentionInterface.register(ATTENTION_NAME, attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _no_mask)
-    return ATTENTION_NAME
+    return register_attention(ATTENTION_NAME, attention_forward, _no_mask)

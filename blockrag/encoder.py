@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from blockrag.hf import forward, stacked_kv
 from blockrag.kv import KVBlock
 
 
@@ -82,9 +83,8 @@ class BlockEncoder:
             ids[row, : len(block)] = torch.as_tensor(list(block), dtype=torch.long)
             mask[row, : len(block)] = 1
         positions = torch.arange(longest, device=self.device).expand(len(blocks), -1)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1)
-        layers = out.past_key_values.layers
-        keys = torch.stack([layer.keys for layer in layers], dim=1)  # (B, L, H, T, D)
-        values = torch.stack([layer.values for layer in layers], dim=1)
+        _, cache = forward(self.model, ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        layer_keys, layer_values = stacked_kv(cache)
+        keys = torch.stack(layer_keys, dim=1)  # (B, L, H, T, D)
+        values = torch.stack(layer_values, dim=1)
         return [(keys[row, :, :, :n].clone(), values[row, :, :, :n].clone()) for row, n in enumerate(lengths)]

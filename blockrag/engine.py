@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,6 +23,7 @@ from blockrag.assemble import assemble_cache, fast_path
 from blockrag.decode import SamplingParams, TextAccumulator, make_generator, select_token
 from blockrag.encoder import BlockEncoder
 from blockrag.errors import InvalidInputError, PromptTooLongError, UnsupportedModelError
+from blockrag.hf import AttentionSwitch, forward, stacked_kv
 from blockrag.kv import KVBlock, block_key, check_block, model_fingerprint
 from blockrag.rope import RopeSpec, rope_spec, rotate_keys
 from blockrag.store import KVStore, MemoryKVStore
@@ -190,11 +190,14 @@ class BlockEngine:
             fast_attention = self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
         self.fast_attention = fast_attention
         self.assemble_path = assemble_path
-        self._attention_lock, self._attention_users = threading.Lock(), 0
+        attention_name = None
         if fast_attention:
             from blockrag.attention import register
 
-            self._attention_name = register()
+            attention_name = register()
+        # NOTE: the engine's own forward passes run inside ``with self._attention:``; the model keeps its
+        # configured implementation for everyone else.
+        self._attention = AttentionSwitch(model, attention_name)
         if verify_rope:
             self._verify_rope()
         self.graphs = None
@@ -248,30 +251,6 @@ class BlockEngine:
     @property
     def model_name(self) -> str:
         return getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
-
-    @contextmanager
-    def _attention(self):
-        """Use the fast attention implementation for the duration of one engine call.
-
-        Reference-counted under a lock, so concurrent requests on several threads never restore the
-        model's own attention while another request is still running.
-        """
-        if not self.fast_attention:
-            yield
-            return
-        config = self.model.config
-        with self._attention_lock:
-            if self._attention_users == 0:
-                self._previous_attention = config._attn_implementation
-                config._attn_implementation = self._attention_name
-            self._attention_users += 1
-        try:
-            yield
-        finally:
-            with self._attention_lock:
-                self._attention_users -= 1
-                if self._attention_users == 0:
-                    config._attn_implementation = self._previous_attention
 
     # --- blocks ----------------------------------------------------------------------------------
 
@@ -379,7 +358,7 @@ class BlockEngine:
         cached = [b is not None for b in blocks]
         missing = [i for i, b in enumerate(blocks) if b is None]
         if missing:
-            with self._attention():
+            with self._attention:
                 fresh = self.encoder.encode([ids[i] for i in missing], [keys[i] for i in missing],
                                             [texts[i] for i in missing])
             store.put_many(fresh)
@@ -471,10 +450,10 @@ class BlockEngine:
         positions = torch.arange(next_pos, next_pos + len(feed), device=device)
         if graphed is None:
             release = _nothing
-            with self._attention():
-                out = self.model(input_ids=torch.tensor([feed], device=device), position_ids=positions[None],
-                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-            logits, cache = out.logits[0, -1].float(), out.past_key_values
+            with self._attention:
+                logits, cache = forward(self.model, torch.tensor([feed], device=device), position_ids=positions[None],
+                                        cache=cache, logits_to_keep=1)
+            logits = logits[0, -1].float()
         try:
             _sync(device)
             usage = Usage(cached_tokens=cached_tokens, encoded_tokens=encoded_tokens, prefilled_tokens=len(feed),
@@ -509,7 +488,7 @@ class BlockEngine:
                 # NOTE: copied whole, in stream order, before the replay: a graph cannot wait on per-layer
                 # copies, and with fp8 blocks the transfer is short enough that this beats pipelining.
                 blocks = [b.to(self.device, non_blocking=True) for b in blocks]
-            with self._attention():
+            with self._attention:
                 logits, cache = self.graphs.prefill(blocks, final_ids, self.rope, reencode, bucket)
         except BaseException:
             self.graphs.lock.release()
@@ -588,11 +567,10 @@ class BlockEngine:
             if len(token_ids) >= params.max_new_tokens or (
                     self.max_positions is not None and position >= self.max_positions):
                 break
-            with torch.inference_mode(), self._attention():
-                out = self.model(input_ids=torch.tensor([[token]], device=device),
-                                 position_ids=torch.tensor([[position]], device=device),
-                                 past_key_values=cache, use_cache=True)
-            cache, logits, position = out.past_key_values, out.logits[0, -1].float(), position + 1
+            with torch.inference_mode(), self._attention:
+                logits, cache = forward(self.model, torch.tensor([[token]], device=device),
+                                        position_ids=torch.tensor([[position]], device=device), cache=cache)
+            logits, position = logits[0, -1].float(), position + 1
         _sync(device)
         tail = text.finish()
         if tail:
@@ -628,8 +606,8 @@ class BlockEngine:
         keys = []
         for offset in (0, delta):
             positions = torch.arange(offset, offset + length, device=self.device)[None]
-            out = self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1)
-            keys.append(torch.stack([layer.keys[0] for layer in out.past_key_values.layers]).float())
+            _, cache = forward(self.model, ids, position_ids=positions, logits_to_keep=1)
+            keys.append(torch.stack([k[0] for k in stacked_kv(cache)[0]]).float())
         moved = rotate_keys(keys[0], delta, self.rope.inv_freq)
         error = float((moved - keys[1]).norm() / keys[1].norm().clamp_min(1e-12))
         tolerance = 1e-3 if self.dtype == torch.float32 else 5e-2

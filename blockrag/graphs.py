@@ -24,11 +24,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from blockrag.assemble import BufferLayer, block_offsets, gather_plans
+from blockrag.assemble import block_offsets, gather_plans
 from blockrag.attention import _attend, merge_partials
+from blockrag.hf import KVCache, buffer_cache, forward, slot_cache
 from blockrag.kernels import final_block_attention, gather_rotate, split_meta
 
 BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # final-block lengths; padding costs rows
@@ -77,20 +76,6 @@ def graph_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, sta
     tail_v = value.index_select(2, state.tail).repeat_interleave(groups, dim=1)
     tail_out, tail_lse = _attend(query, tail_k, tail_v, scale, causal=True)
     return merge_partials(torch.cat([out, tail_out]), torch.cat([lse, tail_lse]))[None]
-
-
-class _GraphLayer(DynamicLayer):
-    """Cache layer used while capturing: writes the final block at ``state.tail``, returns the whole buffer."""
-
-    def __init__(self, keys: Tensor, values: Tensor, state: GraphState) -> None:
-        super().__init__()
-        self.keys, self.values, self.state = keys, values, state
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        self.keys.index_copy_(2, self.state.tail, key_states)
-        self.values.index_copy_(2, self.state.tail, value_states)
-        return self.keys, self.values
 
 
 @dataclass
@@ -146,7 +131,7 @@ class FinalBlockGraphs:
             return None
         return next((b for b in self.buckets if b >= final), None)
 
-    def prefill(self, blocks, final_ids: list[int], rope, reencode: bool, bucket: int) -> tuple[Tensor, DynamicCache]:
+    def prefill(self, blocks, final_ids: list[int], rope, reencode: bool, bucket: int) -> tuple[Tensor, KVCache]:
         """Gather blocks into the buffer, replay the bucket's graph; return (last logits (V,), decode cache)."""
         device = self.keys.device
         # NOTE: capture first: its warm-up runs write into the buffer, which must not clobber this context.
@@ -172,9 +157,7 @@ class FinalBlockGraphs:
             meta = split_meta(context, q, self.max_splits)
             captured.state.meta.copy_(torch.tensor(meta, dtype=torch.int32), non_blocking=True)
         captured.graph.replay()
-        cache = DynamicCache(config=self.model.config)
-        cache.layers = [BufferLayer(self.keys[i], self.values[i], context + q) for i in range(self.keys.shape[0])]
-        return captured.logits[0, -1].float(), cache
+        return captured.logits[0, -1].float(), buffer_cache(self.model.config, self.keys, self.values, context + q)
 
     def _capture(self, bucket: int) -> _Captured:
         device = self.keys.device
@@ -194,12 +177,12 @@ class FinalBlockGraphs:
         positions = torch.arange(bucket, device=device)[None]
         last = torch.full((1,), bucket - 1, dtype=torch.long, device=device)
         mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # 4D: transformers builds no mask
-        cache = DynamicCache(config=self.model.config)
-        cache.layers = [_GraphLayer(self.keys[i], self.values[i], state) for i in range(self.keys.shape[0])]
+        # the final block's keys go to the slots in state.tail; attention reads the whole buffer
+        cache = slot_cache(self.model.config, self.keys, self.values, state.tail)
 
         def step() -> Tensor:
-            return self.model(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
-                              use_cache=True, logits_to_keep=last, blockrag_graph=state).logits
+            return forward(self.model, ids, position_ids=positions, attention_mask=mask, cache=cache,
+                           logits_to_keep=last, blockrag_graph=state)[0]
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import pytest
@@ -58,3 +59,27 @@ def make_engine(tokenizer, make_model):
         return BlockEngine(make_model(arch, dtype, attn), tokenizer, template=template, **kwargs)
 
     return make
+
+
+class _DeprecationLog(logging.Handler):
+    """Collects deprecation notices transformers logs (it logs some instead of warning, e.g. the
+    ``out.past_key_values`` attribute), so that a test triggering one fails like a FutureWarning would."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "deprecated" in message.lower():
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def no_transformers_deprecations():
+    handler = _DeprecationLog()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    assert not handler.messages, f"transformers logged a deprecation: {handler.messages}"

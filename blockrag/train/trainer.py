@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blockrag.errors import InvalidInputError
+from blockrag.hf import enable_activation_checkpointing
 from blockrag.template import BlockTemplate
 from blockrag.train.collator import IGNORE_INDEX, BlockCollator, CopyRatio, check_backend
 from blockrag.train.data import Sample, save_template
@@ -244,7 +245,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         torch.manual_seed(config.seed)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         self.teacher: nn.Module | None = None
         if config.objective == "distill" and config.lora is None:
             import copy

@@ -1,0 +1,243 @@
+"""The one place that touches transformers' call and cache internals.
+
+Everything else in blockrag calls a model through ``forward``, builds caches with ``buffer_cache`` /
+``slot_cache``, reads them with ``stacked_kv`` and switches attention with ``AttentionSwitch``. When
+transformers changes a name or a cache layout, this module is what changes.
+
+* The cache argument and output field: transformers >= 5.24 calls them ``cache`` (the older name is
+  deprecated there, to be removed in 5.40); older 5.x only knows the older name. Which one a model takes
+  is read once per model class from its ``forward`` signature, and once per output class from its fields.
+* Caches from preallocated buffers: a ``DynamicCache`` whose layers are views into buffers we own, so a
+  prefill and the decoding after it write in place instead of re-concatenating the context.
+* The attention implementation: registering ours with transformers, and switching a model to it for the
+  duration of a call (the model's own configured implementation is restored afterwards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import threading
+from collections.abc import Callable, Sequence
+
+from torch import Tensor, nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+NEW_CACHE_NAME = "cache"
+KVCache = DynamicCache  # the cache type the engine hands to a model
+
+
+@functools.cache
+def _library_cache_name() -> str:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    return NEW_CACHE_NAME if NEW_CACHE_NAME in fields else _old_cache_name()
+
+
+def _old_cache_name() -> str:
+    # NOTE: the compatibility branch for transformers < 5.24, the only place that spells the old name.
+    return "past_key_values"
+
+
+@functools.cache
+def cache_argument(model_class: type) -> str:
+    """Name of the cache keyword ``model_class.forward`` takes ("cache" or the pre-5.24 name)."""
+    params = inspect.signature(model_class.forward).parameters
+    if NEW_CACHE_NAME in params:
+        return NEW_CACHE_NAME
+    if _old_cache_name() in params:
+        return _old_cache_name()
+    return _library_cache_name()  # a forward that only takes **kwargs: what the installed library uses
+
+
+@functools.cache
+def _output_cache_field(output_class: type) -> str:
+    fields = {f.name for f in dataclasses.fields(output_class)}
+    return NEW_CACHE_NAME if NEW_CACHE_NAME in fields else _old_cache_name()
+
+
+def output_cache(output) -> KVCache | None:
+    """The cache a model call returned, read under the field name its output class has."""
+    return getattr(output, _output_cache_field(type(output)))
+
+
+def forward(model: nn.Module, input_ids: Tensor, *, position_ids: Tensor | None = None,
+            attention_mask: Tensor | None = None, cache: KVCache | None = None, logits_to_keep: int | Tensor = 0,
+            **kwargs) -> tuple[Tensor, KVCache]:
+    """One forward pass that keeps its KV: ``(logits, cache)``.
+
+    Args:
+        model: a transformers causal LM.
+        input_ids: (B, T) token ids.
+        position_ids: (B, T) positions (default: after what ``cache`` holds).
+        attention_mask: a 2D padding mask or a 4D mask the backend takes as given.
+        cache: the cache to extend (None: a new one).
+        logits_to_keep: as in transformers (0 keeps all; an int keeps the last n; a tensor selects rows).
+        kwargs: passed through to the attention implementation (e.g. ``blockrag_graph``).
+
+    Returns:
+        (logits (B, T', V), the cache with this call's keys and values appended).
+    """
+    cache_kwargs = {cache_argument(type(model)): cache} if cache is not None else {}
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
+                logits_to_keep=logits_to_keep, **cache_kwargs, **kwargs)
+    return out.logits, output_cache(out)
+
+
+def stacked_kv(cache: KVCache) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-layer (B, H, T, D) keys and values held by a cache, layer order."""
+    return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+# --- caches over buffers we own ------------------------------------------------------------------
+
+
+class BufferLayer(DynamicLayer):
+    """A cache layer over a preallocated (1, H, cap, D) buffer: ``update`` writes in place.
+
+    ``before_use`` (optional) runs once before the first update, e.g. to wait for this layer's copy.
+    The buffer grows (copied into one twice as large) if more tokens arrive than it has room for.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, length: int, before_use: Callable[[], None] | None = None):
+        super().__init__()
+        self._keys_buf, self._values_buf = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        self._before_use = before_use
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if self._before_use is not None:
+            ready, self._before_use = self._before_use, None
+            ready()
+        start, added = self.keys.shape[-2], key_states.shape[-2]
+        if start + added > self._keys_buf.shape[-2]:
+            self._grow(start + added)
+        self._keys_buf[:, :, start : start + added].copy_(key_states)
+        self._values_buf[:, :, start : start + added].copy_(value_states)
+        self.keys = self._keys_buf[:, :, : start + added]
+        self.values = self._values_buf[:, :, : start + added]
+        return self.keys, self.values
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self._keys_buf.shape[-2])
+        keys = self._keys_buf.new_empty(*self._keys_buf.shape[:2], capacity, self._keys_buf.shape[-1])
+        values = self._values_buf.new_empty(*self._values_buf.shape[:2], capacity, self._values_buf.shape[-1])
+        length = self.keys.shape[-2]
+        keys[:, :, :length] = self.keys
+        values[:, :, :length] = self.values
+        self._keys_buf, self._values_buf = keys, values
+
+
+class SlotLayer(DynamicLayer):
+    """A cache layer for graph capture: writes new keys at the slots in ``slots`` (a device tensor read at
+    replay time) and returns the whole buffer, so no shape depends on the request."""
+
+    def __init__(self, keys: Tensor, values: Tensor, slots: Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.slots = keys, values, slots
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.keys.index_copy_(2, self.slots, key_states)
+        self.values.index_copy_(2, self.slots, value_states)
+        return self.keys, self.values
+
+
+def _cache_of(config, layers: list[DynamicLayer]) -> KVCache:
+    cache = DynamicCache(config=config)
+    cache.layers = layers
+    return cache
+
+
+def buffer_cache(config, keys: Tensor, values: Tensor, length: int,
+                 before_use: Sequence[Callable[[], None] | None] | None = None) -> KVCache:
+    """A cache over (L, 1, H, cap, D) buffers whose first ``length`` slots hold the context.
+
+    Args:
+        config: the model config.
+        keys, values: the buffers (kept, not copied); later tokens are written into slots length...
+        length: tokens already in the buffers.
+        before_use: per layer, an optional hook run before that layer's first update.
+    """
+    hooks = before_use if before_use is not None else [None] * keys.shape[0]
+    return _cache_of(config, [BufferLayer(keys[i], values[i], length, hooks[i]) for i in range(keys.shape[0])])
+
+
+def slot_cache(config, keys: Tensor, values: Tensor, slots: Tensor) -> KVCache:
+    """A cache over (L, 1, H, cap, D) buffers that writes each call's keys at ``slots`` (see ``SlotLayer``)."""
+    return _cache_of(config, [SlotLayer(keys[i], values[i], slots) for i in range(keys.shape[0])])
+
+
+# --- attention implementation ---------------------------------------------------------------------
+
+
+def register_attention(name: str, attention: Callable, mask: Callable) -> str:
+    """Register an attention function and its mask builder with transformers (idempotent); returns ``name``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(name, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
+    return name
+
+
+def sdpa_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+    """transformers' own SDPA attention (the fallback where a custom implementation does not apply)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def attention_implementation(model: nn.Module) -> str | None:
+    """The attention implementation a model is configured with ("sdpa", "eager", ...)."""
+    return getattr(model.config, "_attn_implementation", None)
+
+
+class AttentionSwitch:
+    """Switches a model to another attention implementation while any call is inside ``with switch:``.
+
+    Reference-counted under a lock: with concurrent requests on several threads, the model's own
+    implementation is restored only when the last one leaves. ``name=None``: a no-op switch.
+    """
+
+    def __init__(self, model: nn.Module, name: str | None) -> None:
+        self.model, self.name = model, name
+        self._lock, self._users, self._previous = threading.Lock(), 0, None
+
+    def __enter__(self) -> AttentionSwitch:
+        if self.name is None:
+            return self
+        config = self.model.config
+        with self._lock:
+            if self._users == 0:
+                self._previous = config._attn_implementation
+                config._attn_implementation = self.name
+            self._users += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.name is None:
+            return
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self.model.config._attn_implementation = self._previous
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass (non-reentrant checkpoints).
+
+    transformers >= 5.24 calls this ``activation_checkpointing_enable`` (the older name is deprecated).
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
