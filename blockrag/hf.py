@@ -27,6 +27,7 @@ from transformers.cache_utils import DynamicLayer
 
 NEW_CACHE_NAME = "cache"
 KVCache = DynamicCache  # the cache type the engine hands to a model
+CacheLayer = DynamicLayer  # base class of cache layers over our own buffers
 
 
 @functools.cache
@@ -148,7 +149,13 @@ class SlotLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _cache_of(config, layers: list[DynamicLayer]) -> KVCache:
+def new_cache(config) -> KVCache:
+    """An empty cache for a model config (the model fills it)."""
+    return DynamicCache(config=config)
+
+
+def cache_from_layers(config, layers: list[CacheLayer]) -> KVCache:
+    """A cache whose layers are the given ``CacheLayer`` objects (one per decoder layer, in order)."""
     cache = DynamicCache(config=config)
     cache.layers = layers
     return cache
@@ -165,12 +172,12 @@ def buffer_cache(config, keys: Tensor, values: Tensor, length: int,
         before_use: per layer, an optional hook run before that layer's first update.
     """
     hooks = before_use if before_use is not None else [None] * keys.shape[0]
-    return _cache_of(config, [BufferLayer(keys[i], values[i], length, hooks[i]) for i in range(keys.shape[0])])
+    return cache_from_layers(config, [BufferLayer(keys[i], values[i], length, hooks[i]) for i in range(keys.shape[0])])
 
 
 def slot_cache(config, keys: Tensor, values: Tensor, slots: Tensor) -> KVCache:
     """A cache over (L, 1, H, cap, D) buffers that writes each call's keys at ``slots`` (see ``SlotLayer``)."""
-    return _cache_of(config, [SlotLayer(keys[i], values[i], slots) for i in range(keys.shape[0])])
+    return cache_from_layers(config, [SlotLayer(keys[i], values[i], slots) for i in range(keys.shape[0])])
 
 
 # --- attention implementation ---------------------------------------------------------------------

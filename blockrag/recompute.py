@@ -37,10 +37,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from blockrag.errors import InvalidInputError, UnsupportedModelError
+from blockrag.hf import (
+    AttentionSwitch,
+    CacheLayer,
+    KVCache,
+    attention_implementation,
+    cache_from_layers,
+    forward,
+    new_cache,
+    stacked_kv,
+)
 
 STRATEGIES = ("none", "all", "first", "deviation", "query")
 DEFAULT_CHECK_LAYER = 1
@@ -136,7 +144,7 @@ def _attention_module(layer: nn.Module) -> nn.Module:
 
 def check_attention(model: nn.Module) -> str:
     """The model's attention implementation, if a recompute pass can run on it (it takes an explicit mask)."""
-    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    implementation = attention_implementation(model) or "eager"
     if implementation not in MASKED_IMPLEMENTATIONS:
         raise UnsupportedModelError(
             f"expected a model with attention implementation in {MASKED_IMPLEMENTATIONS} for selective recompute, "
@@ -166,7 +174,7 @@ def _run_until(model: nn.Module, layer: int, **inputs) -> None:
     if not 0 <= layer < len(layers):
         raise InvalidInputError(f"expected a check layer in 0..{len(layers) - 1}, found {layer}")
     if layer + 1 == len(layers):
-        model(**inputs)
+        forward(model, **inputs)
         return
 
     def stop(*args, **kwargs):
@@ -174,7 +182,7 @@ def _run_until(model: nn.Module, layer: int, **inputs) -> None:
 
     handle = layers[layer + 1].register_forward_pre_hook(stop)
     try:
-        model(**inputs)
+        forward(model, **inputs)
     except _Stop:
         pass
     finally:
@@ -183,7 +191,7 @@ def _run_until(model: nn.Module, layer: int, **inputs) -> None:
 
 # --- caches ---------------------------------------------------------------------------------------
 
-class _ContextLayer(DynamicLayer):
+class _ContextLayer(CacheLayer):
     """Read-only view of a context for probes: returns context + new KV, stores nothing."""
 
     def __init__(self, keys: Tensor, values: Tensor) -> None:
@@ -195,7 +203,7 @@ class _ContextLayer(DynamicLayer):
         return torch.cat((self.keys, key_states), dim=-2), torch.cat((self.values, value_states), dim=-2)
 
 
-class RecomputeLayer(DynamicLayer):
+class RecomputeLayer(CacheLayer):
     """A cache layer over a (1, H, cap, D) buffer holding the context in slots 0..N-1.
 
     Its first update writes the fed tokens' KV at ``slots`` (recomputed context tokens at their own positions,
@@ -235,14 +243,12 @@ class RecomputeLayer(DynamicLayer):
         self._keys, self._values = keys, values
 
 
-def _cache(config, layers: list[DynamicLayer]) -> DynamicCache:
-    cache = DynamicCache(config=config)
-    cache.layers = layers
-    return cache
+def _cache(config, layers: list[CacheLayer]) -> KVCache:
+    return cache_from_layers(config, layers)
 
 
 def _context_kv(cache) -> tuple[list[Tensor], list[Tensor]]:
-    return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+    return stacked_kv(cache)
 
 
 # --- selection ------------------------------------------------------------------------------------
@@ -277,12 +283,13 @@ def deviation_scores(model: nn.Module, context_ids: Sequence[int], cache, layer:
     """
     device = next(model.parameters()).device
     ids = torch.tensor([list(context_ids)], device=device)
-    probe = DynamicCache(config=model.config)
+    probe = new_cache(model.config)
     positions = torch.arange(ids.shape[1], device=device)
-    _run_until(model, layer, input_ids=ids, position_ids=positions[None], past_key_values=probe, use_cache=True,
+    _run_until(model, layer, input_ids=ids, position_ids=positions[None], cache=probe,
                attention_mask=explicit_mask(positions, ids.shape[1], model), logits_to_keep=1)
-    full_k, full_v = probe.layers[layer].keys[0].float(), probe.layers[layer].values[0].float()
-    block_k, block_v = cache.layers[layer].keys[0].float(), cache.layers[layer].values[0].float()
+    (probe_k, probe_v), (cache_k, cache_v) = stacked_kv(probe), stacked_kv(cache)
+    full_k, full_v = probe_k[layer][0].float(), probe_v[layer][0].float()
+    block_k, block_v = cache_k[layer][0].float(), cache_v[layer][0].float()
     dk = (full_k - block_k).transpose(0, 1).flatten(1).norm(dim=-1)
     dv = (full_v - block_v).transpose(0, 1).flatten(1).norm(dim=-1)
     nk = full_k.transpose(0, 1).flatten(1).norm(dim=-1).mean().clamp_min(1e-12)
@@ -312,15 +319,13 @@ def query_scores(model: nn.Module, cache, final_ids: Sequence[int], layer: int) 
 
     attention = _attention_module(decoder_layers(model)[layer])
     handle = attention.register_forward_hook(keep)
-    previous = model.config._attn_implementation
     positions = torch.arange(n, n + len(final_ids), device=device)
     try:
-        model.config._attn_implementation = "eager"
-        _run_until(model, layer, input_ids=torch.tensor([list(final_ids)], device=device),
-                   position_ids=positions[None], past_key_values=probe, use_cache=True,
-                   attention_mask=explicit_mask(positions, n + len(final_ids), model), logits_to_keep=1)
+        with AttentionSwitch(model, "eager"):
+            _run_until(model, layer, input_ids=torch.tensor([list(final_ids)], device=device),
+                       position_ids=positions[None], cache=probe,
+                       attention_mask=explicit_mask(positions, n + len(final_ids), model), logits_to_keep=1)
     finally:
-        model.config._attn_implementation = previous
         handle.remove()
     weights = captured[0][0].float()  # (H, F, N + F)
     return weights[..., :n].sum(dim=(0, 1)).cpu()
@@ -358,7 +363,7 @@ def select_positions(model: nn.Module, recompute: Recompute | str, block_lengths
 
 @torch.inference_mode()
 def recompute_prefill(model: nn.Module, cache, context_ids: Sequence[int], positions: Sequence[int],
-                      final_ids: Sequence[int], *, capacity: int = 0) -> tuple[Tensor, DynamicCache]:
+                      final_ids: Sequence[int], *, capacity: int = 0) -> tuple[Tensor, KVCache]:
     """Recompute the context tokens at ``positions`` and prefill the final block, in one forward pass.
 
     Args:
@@ -392,7 +397,6 @@ def recompute_prefill(model: nn.Module, cache, context_ids: Sequence[int], posit
         buf_k[:, :, :n], buf_v[:, :, :n] = k, v
         layers.append(RecomputeLayer(buf_k, buf_v, n, slots, n + f))
     out_cache = _cache(model.config, layers)
-    out = model(input_ids=torch.tensor([ids], device=device), position_ids=slots[None],
-                attention_mask=explicit_mask(slots, n + f, model), past_key_values=out_cache, use_cache=True,
-                logits_to_keep=1)
-    return out.logits[0, -1].float(), out_cache
+    logits, _ = forward(model, torch.tensor([ids], device=device), position_ids=slots[None],
+                        attention_mask=explicit_mask(slots, n + f, model), cache=out_cache, logits_to_keep=1)
+    return logits[0, -1].float(), out_cache

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 
 
-def _cache_of(out):
+def cache_of(out):
     """The returned cache: ``out.cache`` in transformers >= 5.24, the older field name before."""
     names = {f.name for f in dataclasses.fields(out)}
     return out.cache if "cache" in names else out.past_key_values
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword that passes ``cache`` to ``model``: ``cache`` in transformers >= 5.24, the older name before."""
+    return {"cache": cache} if "cache" in inspect.signature(type(model).forward).parameters else {
+        "past_key_values": cache}
 
 
 def reference_block_mask(block_lengths, final_length):
@@ -64,7 +71,7 @@ def keys_at(model, ids, offset):
     """(L, H, T, D) cached keys of ids encoded alone at positions offset..offset+T-1."""
     positions = torch.arange(offset, offset + len(ids))[None]
     out = model(input_ids=torch.tensor([ids]), position_ids=positions, use_cache=True)
-    return torch.stack([layer.keys[0] for layer in _cache_of(out).layers])
+    return torch.stack([layer.keys[0] for layer in cache_of(out).layers])
 
 
 def rotate_complex(keys, delta, inv_freq):

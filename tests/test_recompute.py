@@ -9,7 +9,7 @@ at its own position, with an explicit mask.
 import pytest
 import torch
 from conftest import SUPPORTED_ARCHS
-from reference import reference_block_mask, to_model_mask
+from reference import cache_of, reference_block_mask, to_model_mask, with_cache
 
 from blockrag.assemble import assemble_cache
 from blockrag.errors import InvalidInputError
@@ -143,10 +143,10 @@ def _independent_deviation(model, block_ids, layer):
     """Per-token deviation at ``layer``: plain full forward vs the block-masked forward, no hooks."""
     context = [t for b in block_ids for t in b]
     ids = torch.tensor([context])
-    full = model(input_ids=ids, use_cache=True).past_key_values.layers[layer]
+    full = cache_of(model(input_ids=ids, use_cache=True)).layers[layer]
     mask = to_model_mask(reference_block_mask([len(b) for b in block_ids], 0), model)
-    block = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(len(context))[None],
-                  use_cache=True).past_key_values.layers[layer]
+    block = cache_of(model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(len(context))[None],
+                           use_cache=True)).layers[layer]
     scores = []
     for name in ("keys", "values"):
         a, b = getattr(full, name)[0].float(), getattr(block, name)[0].float()  # (H, N, D)
@@ -202,8 +202,8 @@ def test_decoding_continues_from_the_recompute_cache(make_engine):
             token = int(logits.argmax())
             tokens.append(token)
             out = engine.model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[position]]),
-                               past_key_values=cache, use_cache=True)
-            logits, cache, position = out.logits[0, -1].float(), out.past_key_values, position + 1
+                               use_cache=True, **with_cache(engine.model, cache))
+            logits, cache, position = out.logits[0, -1].float(), cache_of(out), position + 1
     assert tuple(tokens) == full.token_ids
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from blockrag.errors import InvalidInputError, UnsupportedModelError
+from blockrag.hf import attention_implementation
 from blockrag.masks import additive_mask, block_attention_mask, block_position_ids
 from blockrag.train.data import Sample
 
@@ -96,7 +97,7 @@ def make_copy(sample: Sample, mode: CopyMode = "block") -> Copy:
 
 def check_backend(model) -> str:
     """The model's attention backend, if it takes a custom 4D mask; else UnsupportedModelError."""
-    backend = getattr(model.config, "_attn_implementation", None) or "eager"
+    backend = attention_implementation(model) or "eager"
     if backend not in MASK_BACKENDS:
         raise UnsupportedModelError(
             f"expected a model loaded with attn_implementation in {MASK_BACKENDS} (they take the 4D block mask), "

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from blockrag.errors import InvalidInputError
+from blockrag.hf import forward
 from blockrag.train.collator import CopyMode, check_backend, make_copy
 from blockrag.train.data import Sample
 
@@ -62,8 +63,6 @@ def _prefill_inputs(samples: Sequence[Sample], mode: CopyMode, pad_id: int, devi
 @torch.inference_mode()
 def _generate_batch(model, samples: Sequence[Sample], mode: CopyMode, max_new_tokens: int,
                     eos_ids: frozenset[int], pad_id: int) -> list[list[int]]:
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     inputs, lengths = _prefill_inputs(samples, mode, pad_id, device)
     size, longest = inputs["input_ids"].shape
@@ -77,12 +76,9 @@ def _generate_batch(model, samples: Sequence[Sample], mode: CopyMode, max_new_to
 
         return additive_mask(mask, dtype)
 
-    cache = DynamicCache()
-    out = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
-                attention_mask=prepared(inputs["attention_mask"]), past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
-    cache = out.past_key_values
-    logits = out.logits[:, -1].float()
+    logits, cache = forward(model, inputs["input_ids"], position_ids=inputs["position_ids"],
+                            attention_mask=prepared(inputs["attention_mask"]), logits_to_keep=1)
+    logits = logits[:, -1].float()
     # NOTE: the key mask of a decoded token: its row's real prompt columns, then every generated column.
     real = torch.zeros(size, longest, dtype=torch.bool, device=device)
     for row, n in enumerate(lengths):
@@ -99,9 +95,9 @@ def _generate_batch(model, samples: Sequence[Sample], mode: CopyMode, max_new_to
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         keys = torch.cat([real, torch.ones(size, step + 1, dtype=torch.bool, device=device)], dim=1)
-        out = model(input_ids=token[:, None], position_ids=(next_position + step)[:, None],
-                    attention_mask=prepared(keys[:, None, None, :]), past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        logits, cache = forward(model, token[:, None], position_ids=(next_position + step)[:, None],
+                                attention_mask=prepared(keys[:, None, None, :]), cache=cache)
+        logits = logits[:, -1].float()
     table = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(size)]
     return [[t for t in row if t >= 0] for row in table]
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from blockrag.hf import attention_implementation
 from blockrag.template import BlockTemplate, Passage
 from blockrag.train.collator import BlockCollator, CopyMode
 from blockrag.train.data import RAGRecord, Sample, render, render_many
@@ -343,7 +344,7 @@ def evaluate(model: nn.Module, items: Sequence[EvalItem], mode: CopyMode, *, pad
     """
     was_training = model.training
     model.eval()
-    backend = getattr(model.config, "_attn_implementation", "sdpa")
+    backend = attention_implementation(model) or "sdpa"
     collator = BlockCollator(pad_token_id, backend, dtype=next(model.parameters()).dtype)
     device = next(model.parameters()).device
     right = {1: 0, 2: 0}
