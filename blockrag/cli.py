@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import logging
 import sys
@@ -60,9 +61,11 @@ def _model_options(parser: argparse.ArgumentParser, required: bool = False) -> N
                        help="LLM weight and KV dtype (default: bfloat16 on CUDA, float32 on CPU)")
     group.add_argument("--token-budget", type=int, default=8192, metavar="N",
                        help="most tokens (batch x longest block) per KV-encoding forward pass (default 8192)")
-    group.add_argument("--on-mismatch", choices=("recompute", "refuse"), default="recompute",
-                       help="if the model differs from the one the knowledge base's KV was built with: re-encode "
-                            "blocks for it as they are needed ('recompute', default) or stop with an error ('refuse')")
+    group.add_argument("--on-mismatch", choices=("add", "recompute", "refuse"), default="add",
+                       help="if the knowledge base holds no KV for this model: add the model ('add', default; its "
+                            "blocks are encoded as they are needed and the other models' KV is kept; 'recompute' is "
+                            "an older name for it) or stop with an error ('refuse'). Drop a model's KV only with "
+                            "`blockrag kb forget-model`")
     group.add_argument("--strict", action="store_true",
                        help="stop with an error on a damaged or wrong-model KV file instead of recomputing it")
 
@@ -131,9 +134,17 @@ def build_parser(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentPa
     stats.add_argument("--verify", action="store_true",
                        help="also check every KV file (checksum, fingerprint) and the index against the docstore")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
-    delete = kb_sub.add_parser("delete", help="delete documents by id (see `kb list`)")
-    delete.add_argument("ids", nargs="+", metavar="DOC_ID", help="document ids (for files: their absolute path)")
+    delete = kb_sub.add_parser("delete", help="delete documents by id (see `kb list`) or by the path ingested")
+    delete.add_argument("ids", nargs="+", metavar="DOC",
+                        help="document ids as `kb list` shows them, or file paths as given to `ingest` (relative to "
+                             "the current folder or absolute)")
     delete.add_argument("--kb", required=True, metavar="DIR", help="knowledge base directory")
+    forget = kb_sub.add_parser("forget-model", help="drop one model's KV (its files are deleted by `kb gc`)",
+                               description="A knowledge base keeps KV per model. This drops the KV of one model "
+                                           "(by name or fingerprint, see `kb stats`); `kb gc` then deletes its files. "
+                                           "The last model cannot be dropped.")
+    forget.add_argument("model", metavar="MODEL", help="model name or fingerprint (8+ leading digits)")
+    forget.add_argument("--kb", required=True, metavar="DIR", help="knowledge base directory")
     listing = kb_sub.add_parser("list", help="list document ids")
     listing.add_argument("--kb", required=True, metavar="DIR", help="knowledge base directory")
     gc = kb_sub.add_parser("gc", help="delete KV files no passage references and temp files of dead processes")
@@ -156,14 +167,34 @@ def build_parser(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentPa
 
 # --- commands ------------------------------------------------------------------------------------
 
-def _engine_for(args, recorded: dict[str, Any]) -> tuple[Any, str | None]:
-    """The engine to use: --model / --template, else what the knowledge base recorded."""
+def _engine_for(args, recorded: dict[str, Any], kb_path=None) -> tuple[Any, str | None]:
+    """The engine to use: --model / --template, else what the knowledge base recorded.
+
+    Returns the engine and the name to record: a local path is made absolute, so that the knowledge base
+    can load it again from any folder.
+    """
+    from pathlib import Path
+
+    from blockrag.errors import BlockRAGError
+    from blockrag.index.errors import RecordedModelError
+
     model = args.model or recorded.get("name") or DEFAULT_MODEL
     template = args.template or recorded.get("template")
     if template not in (None, "chat", "tulu3-block"):
         template = "chat"  # a custom template cannot be rebuilt from its name
-    return load_engine(model, template=template, device=args.device, dtype=args.dtype,
-                       token_budget=args.token_budget, progress=args.verbose), model
+    try:
+        engine = load_engine(model, template=template, device=args.device, dtype=args.dtype,
+                             token_budget=args.token_budget, progress=args.verbose)
+    except (BlockRAGError, OSError, ValueError, ImportError) as e:
+        if args.model or not recorded.get("name"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecordedModelError(
+            f"expected to load the model the knowledge base at {kb_path} records, {model!r}, found it cannot be "
+            f"loaded here ({type(e).__name__}: {first}); pass --model NAME_OR_PATH with that model (or another one: "
+            f"the knowledge base then adds it; `blockrag kb stats --kb {kb_path}` lists its models)") from None
+    local = Path(model).expanduser()
+    return engine, str(local.resolve()) if not is_tiny(model) and local.exists() else model
 
 
 def _ingest(args) -> int:
@@ -175,12 +206,17 @@ def _ingest(args) -> int:
     path = Path(args.kb)
     warnings: list[str] = []
     documents = load_paths(args.paths, args.glob, warnings)  # refuses missing paths before any model is loaded
+    first = next(documents, None)  # NOTE: documents are read lazily; one is enough to know there are any
+    if first is None:
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr)
+        print(f"error: expected documents (.txt, .md, .jsonl) in {' '.join(args.paths)}, found none; nothing was "
+              "created or changed", file=sys.stderr)
+        return 1
     exists = (path / "manifest.json").exists()
     recorded = KnowledgeBase.info(path)["model"] if exists else {}
-    engine, model = _engine_for(args, recorded)
-    if engine is None:
-        print(f"error: expected --model to create a new knowledge base at {path}, found none", file=sys.stderr)
-        return 2
+    engine, model = _engine_for(args, recorded, path)
+    documents = itertools.chain([first], documents)
     if exists:
         kb = KnowledgeBase.open(path, engine, args.embedder, on_mismatch=args.on_mismatch, strict=args.strict,
                                 model_name=model)
@@ -226,14 +262,17 @@ def _ask(args) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
+    from blockrag.errors import InvalidInputError
     from blockrag.index import KnowledgeBase
 
     path = Path(args.kb)
-    recorded = KnowledgeBase.info(path)["model"]  # a clear error before any model is loaded
-    engine, model = _engine_for(args, recorded)
-    if engine is None:
-        print(f"error: expected --model (the knowledge base at {path} records none), found none", file=sys.stderr)
-        return 2
+    # NOTE: every check that needs no model comes before loading it (seconds)
+    if not args.question.strip():
+        raise InvalidInputError(f"expected a non-empty question, found {args.question!r}")
+    if args.k < 1:
+        raise InvalidInputError(f"expected --k to be at least 1, found {args.k}")
+    recorded = KnowledgeBase.info(path)["model"]
+    engine, model = _engine_for(args, recorded, path)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed)
     with KnowledgeBase.open(path, engine, on_mismatch=args.on_mismatch, strict=args.strict, model_name=model) as kb:
@@ -276,7 +315,7 @@ def _kb(args) -> int:
                     print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
             return 0 if not args.verify or stats["verify"]["ok"] else 1
         if args.kb_command == "delete":
-            result = kb.delete_documents(args.ids)
+            result = kb.delete_documents([_document_id(kb, given) for given in args.ids])
             print(f"deleted {result['documents_deleted']} documents ({result['passages_removed']} passages, "
                   f"{result['blocks_deleted']} KV files)")
             for doc_id in result["not_found"]:
@@ -286,9 +325,27 @@ def _kb(args) -> int:
             for doc_id in kb.docstore.document_ids():
                 print(doc_id)
             return 0
+        if args.kb_command == "forget-model":
+            model = kb.forget_model(args.model)
+            print(f"forgot model {model['name']!r} ({model['fingerprint'][:12]}); `blockrag kb gc --kb {args.kb}` "
+                  "deletes its KV files")
+            return 0
         result = kb.gc()
         print(f"deleted {result['blocks_deleted']} unreferenced KV files and {result['temp_files_deleted']} temp files")
         return 0
+
+
+def _document_id(kb, given: str) -> str:
+    """A document id as `kb list` shows it, or a file path as given to `ingest` (relative to this folder)."""
+    import os
+
+    if kb.docstore.document(given) is not None:
+        return given
+    resolved = os.path.abspath(os.path.expanduser(given))
+    if kb.docstore.document(resolved) is not None:
+        return resolved
+    real = os.path.realpath(resolved)  # ingest records resolved paths (symlinks followed)
+    return real if kb.docstore.document(real) is not None else given
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -313,6 +370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # NOTE: the reader went away (`blockrag kb list | head`): stop quietly, as command-line tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

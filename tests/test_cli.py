@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 import pytest
-from kb_helpers import CORPUS, questions, torch_threads
+from kb_helpers import CORPUS, embedder, questions, torch_threads
 
 from blockrag import cli
 
@@ -191,3 +191,107 @@ def test_extension_commands_register_only_if_their_module_exists(tmp_path, monke
     monkeypatch.setattr(cli, "EXTENSIONS", (("blockrag_ext_demo.broken", "broken"),))
     with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_not_installed"):
         cli.build_parser([])  # a module that exists but fails to import is not hidden
+
+
+# --- a user's sequence of runs, each its own process ---------------------------------------------
+
+def blockrag(*argv, cwd=None, stdin=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(cli.__file__)),
+                                          os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "blockrag.cli", *map(str, argv)], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=cwd, input=stdin)
+
+
+def kv_files(path) -> set[str]:
+    return {p.name for p in (path / "kv").glob("*/*.safetensors")}
+
+
+@pytest.mark.slow  # ten processes, each loading a model
+def test_a_second_model_is_added_and_gc_keeps_the_first_models_kv(tmp_path):
+    path = tmp_path / "kb"
+    proc = blockrag("ingest", CORPUS / "duck.txt", CORPUS / "bread.md", "--kb", path, "--model", "tiny-random",
+                    "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    files_a = kv_files(path)
+    question = "What do ducks eat?"
+    # another model asks: it is added (its blocks encoded now), the first model's KV and the default stay
+    proc = blockrag("ask", question, "--kb", path, "--model", "tiny-random:qwen2", "--k", "2", "--max-new-tokens",
+                    "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "adding it" in proc.stderr and json.loads(proc.stdout)["usage"]["encoded_tokens"] > 0
+    stats = json.loads(blockrag("kb", "stats", "--kb", path, "--json").stdout)
+    assert [m["name"] for m in stats["models"]] == ["tiny-random", "tiny-random:qwen2"]
+    assert stats["model"]["name"] == "tiny-random" and stats["orphan_blocks"] == 0
+    proc = blockrag("kb", "gc", "--kb", path)
+    assert proc.returncode == 0 and "deleted 0 unreferenced KV files" in proc.stdout
+    assert files_a < kv_files(path)  # the second model's blocks were added, none of the first model's lost
+    # refusing is still possible, and says how to proceed
+    proc = blockrag("ask", question, "--kb", path, "--model", "tiny-random:mistral", "--on-mismatch", "refuse")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("error: ") and "--on-mismatch add" in proc.stderr.splitlines()[-1]
+    # the default model answers from its own blocks, in a new process
+    proc = blockrag("ask", question, "--kb", path, "--k", "2", "--max-new-tokens", "2", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["usage"]["encoded_tokens"] == 0, proc.stderr
+    # dropping a model is explicit; only then gc deletes its files
+    proc = blockrag("kb", "forget-model", "tiny-random:qwen2", "--kb", path)
+    assert proc.returncode == 0 and "forgot model 'tiny-random:qwen2'" in proc.stdout, proc.stderr
+    proc = blockrag("kb", "gc", "--kb", path)
+    assert proc.returncode == 0 and kv_files(path) == files_a
+    proc = blockrag("kb", "stats", "--kb", path, "--verify", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["verify"]["ok"]
+    proc = blockrag("kb", "forget-model", "tiny-random", "--kb", path)
+    assert proc.returncode == 1 and "only model" in proc.stderr
+
+
+@pytest.mark.slow  # three processes, each loading a model
+def test_model_paths_are_recorded_absolute_and_an_unloadable_recorded_model_is_one_line(tmp_path, make_engine):
+    from blockrag.index import KnowledgeBase
+    from blockrag.testing import tiny_pipeline
+
+    model, tokenizer = tiny_pipeline("llama", seed=0)
+    (tmp_path / "models").mkdir()
+    model.save_pretrained(tmp_path / "models" / "tiny")
+    tokenizer.save_pretrained(tmp_path / "models" / "tiny")
+    proc = blockrag("ingest", CORPUS / "duck.txt", "--kb", "kb", "--model", "models/tiny", "--no-progress",
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    recorded = KnowledgeBase.info(tmp_path / "kb")["model"]["name"]
+    assert recorded == str((tmp_path / "models" / "tiny").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    proc = blockrag("ask", "What do ducks eat?", "--kb", "../kb", "--k", "1", "--max-new-tokens", "2", "--json",
+                    cwd=tmp_path / "elsewhere")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["usage"]["encoded_tokens"] == 0  # the same model, loaded from another folder
+    # a knowledge base built in Python from an in-memory model records a name the CLI cannot load
+    with KnowledgeBase.create(tmp_path / "py_kb", make_engine("llama"), embedder()) as kb:
+        kb.add_paths([CORPUS / "duck.txt"])
+        name = kb.stats()["model"]["name"]
+    proc = blockrag("ask", "What do ducks eat?", "--kb", tmp_path / "py_kb")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: expected to load the model the knowledge base") and repr(name) in proc.stderr
+    assert "pass --model NAME_OR_PATH" in proc.stderr
+
+
+def test_list_into_a_closed_pipe_delete_by_path_empty_folders_and_early_validation(kb_dir, tmp_path):
+    import shutil
+
+    path = shutil.copytree(kb_dir, tmp_path / "kb")
+    proc = subprocess.run(f"{sys.executable} -m blockrag.cli kb list --kb {path} | head -n 1", shell=True,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(cli.__file__))})
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 1 and proc.stderr == "", proc.stderr
+    # delete by the path given to ingest (relative to the current folder) and by a document id from `kb list`
+    proc = blockrag("kb", "delete", "duck.txt", "dunmore", "--kb", path, cwd=CORPUS)
+    assert proc.returncode == 0 and "deleted 2 documents" in proc.stdout, proc.stderr
+    ids = blockrag("kb", "list", "--kb", path).stdout.split()
+    assert str(CORPUS.resolve() / "duck.txt") not in ids and "dunmore" not in ids and len(ids) == 9
+    # an empty folder creates nothing
+    (tmp_path / "empty").mkdir()
+    proc = blockrag("ingest", tmp_path / "empty", "--kb", tmp_path / "new_kb", "--model", "tiny-random")
+    assert proc.returncode == 1 and "found none; nothing was created" in proc.stderr
+    assert not (tmp_path / "new_kb").exists()
+    # bad questions and --k are refused before a model is loaded (no tiny-model note: it never loaded)
+    for argv, message in ((["", "--k", "2"], "expected a non-empty question"), (["Why?", "--k", "0"], "--k")):
+        proc = blockrag("ask", *argv, "--kb", path)
+        assert proc.returncode == 1 and message in proc.stderr and "tiny random" not in proc.stderr, proc.stderr

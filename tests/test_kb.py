@@ -182,29 +182,53 @@ def test_documents_sharing_a_passage_share_its_kv_file(tmp_path, make_engine):
 
 # --- other model ---------------------------------------------------------------------------------
 
-def test_another_model_is_refused_or_recomputed_lazily(corpus_dir, tmp_path, tokenizer, model_b, make_engine, caplog):
+def test_another_model_is_refused_or_added_and_every_models_kv_is_kept(corpus_dir, tmp_path, tokenizer, model_b,
+                                                                        make_engine, caplog):
     path = copy_kb(corpus_dir, tmp_path / "kb")
     engine_b = BlockEngine(model_b, tokenizer)
-    with pytest.raises(KVBlockMismatchError, match="refusing to open.*on_mismatch='recompute'") as info:
+    with pytest.raises(KVBlockMismatchError, match="refusing to open.*on_mismatch='add'") as info:
         KnowledgeBase.open(path, engine_b, on_mismatch="refuse")
     built = KnowledgeBase.info(path)["model"]["fingerprint"]
     assert built[:12] in str(info.value) and engine_b.fingerprint[:12] in str(info.value)
     files_a = set(os.listdir(path / "kv"))
     question = questions()[2]["question"]
     with caplog.at_level(logging.WARNING, logger="blockrag.index"):
-        kb = KnowledgeBase.open(path, engine_b, on_mismatch="recompute")
-    assert "stored KV blocks will not be used" in caplog.text
+        kb = KnowledgeBase.open(path, engine_b, model_name="model-b")
+    assert "adding it" in caplog.text and "the other models' KV is kept" in caplog.text
     with kb:
         first = kb.ask(question, k=2, **GEN)
         assert first.usage.encoded_tokens > 0  # nothing of model A was used
         assert all(h.block_key == engine_b.key_of(b.token_ids)
                    for h, b in zip(first.sources, first.generation.prefill.blocks[1:]))
         assert kb.ask(question, k=2, **GEN).usage.encoded_tokens == 0  # now stored for model B
-        assert kb.stats()["model"]["fingerprint"] == engine_b.fingerprint
+        stats = kb.stats()
+        assert stats["model"]["fingerprint"] == built  # the default model stays A: nothing is flipped
+        assert [m["fingerprint"] for m in stats["models"]] == [built, engine_b.fingerprint]
+        assert [m["name"] for m in stats["models"]][1] == "model-b"
+        assert stats["models"][1]["passages"] == stats["passages"] and stats["models"][1]["blocks_stored"] >= 2
+        assert stats["orphan_blocks"] == 0  # model A's KV is still known, not orphaned
+        assert kb.gc()["blocks_deleted"] == 0
         assert all(b.fingerprint == engine_b.fingerprint for b in kb.blocks_for(first.sources))
-    assert files_a <= set(os.listdir(path / "kv"))  # model A's files are kept (switching back reuses them)
+        b_keys = {h.block_key for h in first.sources}
+    assert files_a <= set(os.listdir(path / "kv"))  # model A's files are kept
+    assert KnowledgeBase.info(path)["manifest"]["models"][1]["fingerprint"] == engine_b.fingerprint
     with KnowledgeBase.open(path, make_engine("llama")) as kb:
-        assert kb.ask(question, k=2, **GEN).usage.encoded_tokens == 0
+        assert kb.ask(question, k=2, **GEN).usage.encoded_tokens == 0  # A answers from its own blocks
+        # documents added with model A get model B's keys when B opens the knowledge base again
+        kb.add_documents([Document("Lichens are a partnership of a fungus and an alga.", id="lichen")])
+        assert kb.verify(deep=True)["ok"]
+        with pytest.raises(KnowledgeBaseError, match="expected one known model matching 'nope'"):
+            kb.forget_model("nope")
+    with KnowledgeBase.open(path, engine_b) as kb:
+        assert kb.stats()["models"][1]["passages"] == kb.stats()["passages"]
+        assert kb.forget_model(engine_b.fingerprint[:12])["name"] == "model-b"  # explicit: only now it goes
+        assert kb.stats()["orphan_blocks"] >= len(b_keys)
+        assert kb.gc()["blocks_deleted"] >= len(b_keys)
+        assert not any(kb.kv.contains(key) for key in b_keys) and files_a <= set(os.listdir(path / "kv"))
+        with pytest.raises(KnowledgeBaseError, match="only model"):
+            kb.forget_model(built)
+    with KnowledgeBase.open(path, make_engine("llama")) as kb:
+        assert kb.ask(question, k=2, **GEN).usage.encoded_tokens == 0 and kb.verify(deep=True)["ok"]
 
 
 # --- damaged KV files ------------------------------------------------------------------------------
@@ -539,3 +563,23 @@ def test_the_store_is_attached_to_the_engine_while_open_and_ingest_writes_only_t
     assert engine.store is own
     own.delete(key)
     assert engine.store.get(key) is None  # detached: the disk is no longer read
+
+
+def test_a_schema_1_docstore_is_migrated_to_per_model_kv(corpus_dir, tmp_path, make_engine):
+    import sqlite3
+
+    path = copy_kb(corpus_dir, tmp_path / "kb")
+    with sqlite3.connect(path / "docstore.sqlite") as conn:  # what an older blockrag wrote: one model, in meta
+        prefix = conn.execute("SELECT prefix_block_key FROM models").fetchone()[0]
+        conn.execute("DROP TABLE model_blocks")
+        conn.execute("DROP TABLE models")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        conn.execute("INSERT INTO meta(key, value) VALUES ('prefix_block_key', ?)", (prefix,))
+    with KnowledgeBase.open(path) as kb:  # no engine: migration needs no model
+        stats = kb.stats()
+        assert len(stats["models"]) == 1 and stats["models"][0]["passages"] == stats["passages"]
+        assert stats["orphan_blocks"] == 0 and kb.verify(deep=True)["ok"]
+        assert kb.docstore.get_meta("schema_version") == "2"
+    with KnowledgeBase.open(path, make_engine("llama")) as kb:
+        answer = kb.ask(questions()[0]["question"], k=2, **GEN)
+        assert answer.usage.encoded_tokens == 0  # block 0 and the passages are the stored ones

@@ -27,3 +27,7 @@ class KnowledgeBaseLockedError(KnowledgeBaseError):
 
 class DocumentError(InvalidInputError):
     """A document or path that cannot be ingested as given."""
+
+
+class RecordedModelError(KnowledgeBaseError):
+    """The model a knowledge base records cannot be loaded here (pass another with --model / an engine)."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from blockrag.engine import BlockEngine
 from blockrag.errors import PromptTooLongError
+from blockrag.index import registry
 from blockrag.index.chunker import chunk_text
 from blockrag.index.docstore import Docstore, NewPassage
 from blockrag.index.documents import Document, validate_document
@@ -152,9 +153,10 @@ class Ingester:
         key = engine.key_of(ids)
         if not self.kv.contains(key):
             engine.source_blocks([ids], [text], store=self.kv)
-        if self.docstore.get_meta("prefix_block_key") != key:
+        mid = registry.id_of(engine)
+        if not any(m["id"] == mid and m["prefix_block_key"] == key for m in self.docstore.models()):
             with self.docstore.transaction() as tx:
-                tx.set_meta("prefix_block_key", key)
+                tx.set_model_prefix(mid, key)
 
     def plan(self, doc: Document, report: IngestReport) -> PlannedDocument | None:
         """Chunk one (validated) document, or None if it is skipped."""
@@ -210,7 +212,7 @@ class Ingester:
             del blocks
         flat = [(planned, p) for planned in batch for p in planned.passages]
         vectors = self.embedder().embed([embed_text(planned.doc.title, p.text) for planned, p in flat])
-        removed: list[tuple[int, str]] = []
+        removed: list[tuple[int, set[str]]] = []
         added_ids: list[int] = []
         try:
             with self.docstore.transaction() as tx:
@@ -226,7 +228,7 @@ class Ingester:
                                                p.token_count, p.key, vectors[row]))
                         row += 1
                     added_ids += tx.insert_document(doc.doc_id, doc.content_hash, doc.title, doc.source,
-                                                    doc.metadata, rows, len(doc.text))
+                                                    doc.metadata, rows, len(doc.text), registry.id_of(self.engine))
                 tx.bump_version()
         except sqlite3.Error as e:
             message = (f"expected to commit {len(batch)} documents to {Path(self.docstore.path)}, found SQLite "
@@ -244,4 +246,4 @@ class Ingester:
         with self.index.lock:
             self.index.remove([vec_id for vec_id, _ in removed])
             self.index.add(added_ids, vectors)
-        self.on_removed({key for _, key in removed})
+        self.on_removed({key for _, keys in removed for key in keys})

@@ -18,7 +18,7 @@ from typing import Any
 
 from blockrag.engine import BlockEngine, GenerationStream
 from blockrag.errors import InvalidInputError, KVBlockMismatchError
-from blockrag.index import layout, maintenance
+from blockrag.index import layout, maintenance, registry
 from blockrag.index.docstore import Docstore
 from blockrag.index.documents import Document, load_paths
 from blockrag.index.embedder import Embedder
@@ -36,7 +36,7 @@ __all__ = ["Answer", "IngestReport", "KnowledgeBase", "SearchHit"]
 
 logger = logging.getLogger("blockrag.index")
 
-ON_MISMATCH = ("recompute", "refuse")
+ON_MISMATCH = ("add", "recompute", "refuse")  # NOTE: "recompute" is the former name of "add"
 
 
 def _check_k(k) -> int:
@@ -110,10 +110,10 @@ class KnowledgeBase:
         (path / layout.TMP_DIR).mkdir(parents=True, exist_ok=True)
         (path / layout.KV_DIR).mkdir(exist_ok=True)
         docstore = Docstore(path / layout.DOCSTORE)
-        with docstore.transaction() as tx:
-            cls._record_model(tx, engine, model_name)
+        registry.add(docstore, engine, model_name, default=True)
         manifest = layout.new_manifest(embedder.id, embedder.dim, chunk_tokens, chunk_overlap, index, fp8,
                                        layout.model_record(docstore.meta()))
+        manifest["models"] = layout.models_record(docstore.models())
         layout.write_manifest(path, manifest)  # NOTE: last: a directory without a manifest is no knowledge base
         kb = cls(path, manifest, docstore, embedder, strict=strict, lock_timeout=lock_timeout)
         kb._attach(engine, "refuse")
@@ -121,7 +121,7 @@ class KnowledgeBase:
 
     @classmethod
     def open(cls, path: str | os.PathLike, engine: BlockEngine | None = None,
-             embedder: Embedder | str | None = None, *, on_mismatch: str = "recompute", strict: bool = False,
+             embedder: Embedder | str | None = None, *, on_mismatch: str = "add", strict: bool = False,
              model_name: str | None = None, lock_timeout: float = 60.0) -> KnowledgeBase:
         """Open an existing knowledge base.
 
@@ -129,15 +129,15 @@ class KnowledgeBase:
             path: the knowledge base directory.
             engine: the BlockEngine to answer with; None opens it for search and maintenance only.
             embedder: None loads the embedder recorded in the manifest (lazily); one given must match it.
-            on_mismatch: what to do if ``engine`` is not the model the KV was built with: "recompute"
-                (stored blocks are never used; blocks are re-encoded for this model when first needed) or
-                "refuse" (raise KVBlockMismatchError).
+            on_mismatch: what to do if ``engine``'s model is not one the KB holds KV for: "add" it (its
+                blocks are encoded when first needed; the other models' KV is kept; "recompute" is an
+                older name for this) or "refuse" (raise KVBlockMismatchError).
             strict: refuse damaged or wrong-model KV files (raise) instead of recomputing them.
-            model_name: how to load ``engine``'s model again, recorded if it replaces the KB's model.
+            model_name: how to load ``engine``'s model again, recorded if the model is added.
 
         Raises:
             NotAKnowledgeBaseError: no knowledge base at path.
-            KVBlockMismatchError: other model and on_mismatch="refuse".
+            KVBlockMismatchError: a model the KB does not know and on_mismatch="refuse".
             EmbedderMismatchError: embedder given is not the KB's.
         """
         path = Path(path)
@@ -173,49 +173,45 @@ class KnowledgeBase:
             docstore.close()
         return {"manifest": manifest, "model": layout.model_record(meta)}
 
-    @staticmethod
-    def _record_model(tx, engine: BlockEngine, model_name: str | None) -> None:
-        tx.set_meta("fingerprint", engine.fingerprint)
-        tx.set_meta("template_version", engine.template.version)
-        tx.set_meta("template", engine.template.name)
-        tx.set_meta("model", model_name or engine.model_name)
-        tx.set_meta("kv_dtype", str(engine.dtype).removeprefix("torch."))
-
     def _attach(self, engine: BlockEngine, on_mismatch: str, model_name: str | None = None) -> None:
-        """Use ``engine`` for this KB; handle a model or template other than the one the KV was built with."""
-        meta = self.docstore.meta()
-        built = (meta.get("fingerprint"), meta.get("template_version"))
-        if built != (engine.fingerprint, engine.template.version):
-            what = (f"knowledge base at {self.path} was built with model fingerprint {str(built[0])[:12]} "
-                    f"(model {meta.get('model')!r}, template {meta.get('template')!r} {str(built[1])[:8]}), the engine "
-                    f"has {engine.fingerprint[:12]} (model {engine.model_name!r}, template {engine.template.name!r} "
-                    f"{engine.template.version[:8]})")
+        """Use ``engine`` for this KB; a model the KB does not know yet is added (or refused)."""
+        mid = registry.id_of(engine)
+        known = self.docstore.models()
+        if mid not in {m["id"] for m in known}:
+            names = ", ".join(f"{m['name']!r} ({m['fingerprint'][:12]}, template {m['template']!r})" for m in known)
+            what = (f"knowledge base at {self.path} holds KV for {names}; the engine's model {engine.model_name!r} "
+                    f"({engine.fingerprint[:12]}, template {engine.template.name!r}) is not one of them")
             if on_mismatch == "refuse":
                 raise KVBlockMismatchError(
-                    f"{what}; refusing to open (on_mismatch='refuse'). Open with on_mismatch='recompute' "
-                    "(CLI: --on-mismatch recompute) to re-encode blocks for this model as they are needed, or use "
-                    "the original model")
-            logger.warning("%s; stored KV blocks will not be used: blocks are re-encoded for this model when first "
-                           "needed (on_mismatch='recompute')", what)
+                    f"{what}; refusing to open (on_mismatch='refuse'). Open with on_mismatch='add' (CLI: "
+                    "--on-mismatch add) to add this model (the KV of the others is kept), or use a known model")
+            logger.warning("%s; adding it: its blocks are encoded when first needed, the other models' KV is kept",
+                           what)
+        if mid not in {m["id"] for m in known} or self.docstore.passages_without(mid):
+            with self._writing():  # NOTE: only then: a reader with a known model never waits for a writer
+                if mid not in {m["id"] for m in self.docstore.models()}:
+                    registry.add(self.docstore, engine, model_name)
+                    self.manifest["models"] = layout.models_record(self.docstore.models())
+                    layout.write_manifest(self.path, self.manifest)
+                registry.fill_keys(self.docstore, engine)
         self.engine = engine
         self.kv.fingerprint = engine.fingerprint
         engine.attach_store(self.kv)
-        if built != (engine.fingerprint, engine.template.version):
-            self._rekey(model_name)
 
-    def _rekey(self, model_name: str | None) -> None:
-        """Point every passage at its block key for the current engine (blocks are encoded lazily)."""
-        engine = self._require_engine("re-key passages")
+    def forget_model(self, selector: str) -> dict[str, Any]:
+        """Drop a model's KV from the knowledge base: by name, fingerprint (or its first 8+ digits).
+
+        Its block files become orphans (``gc`` deletes them). Refuses the last model.
+
+        Returns:
+            the forgotten model's record.
+        """
         with self._writing():
-            with self.docstore.transaction() as tx:
-                for row in self.docstore.iter_passages():
-                    ids = engine.block_ids(Passage(row["text"], row["title"]))
-                    tx.set_block(row["vec_id"], engine.key_of(ids), len(ids))
-                self._record_model(tx, engine, model_name)
-                tx.set_meta("prefix_block_key", "")
-                tx.bump_version()
+            model = registry.forget(self.docstore, selector)
             self.manifest["model"] = layout.model_record(self.docstore.meta())
+            self.manifest["models"] = layout.models_record(self.docstore.models())
             layout.write_manifest(self.path, self.manifest)
+        return model
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -295,7 +291,7 @@ class KnowledgeBase:
         with self._writing():
             found, missing, removed = maintenance.delete_documents(self.docstore, ids)
             self._index.remove([vec_id for vec_id, _ in removed])
-            blocks = self._collect({key for _, key in removed})
+            blocks = self._collect({key for _, keys in removed for key in keys})
             self._index.save()
         return {"documents_deleted": len(found), "passages_removed": len(removed), "blocks_deleted": blocks,
                 "not_found": missing}
@@ -314,7 +310,8 @@ class KnowledgeBase:
         vector = self.embedder.embed_query(query)
         # NOTE: a few extra candidates cover passages deleted between the search and the docstore read.
         scores, ids = self._index.search(vector, k + 8)
-        rows = self.docstore.passages(ids.tolist())
+        model = registry.id_of(self.engine) if self.engine is not None else None
+        rows = self.docstore.passages(ids.tolist(), model)
         hits = []
         for score, vec_id in zip(scores.tolist(), ids.tolist()):
             row = rows.get(vec_id)
@@ -375,7 +372,7 @@ class KnowledgeBase:
             deep: also read every referenced KV file and check its checksum and fingerprint.
 
         Returns:
-            JSON-safe dict: missing_blocks (passage keys without a KV file), corrupt_blocks (deep only),
+            JSON-safe dict: missing_blocks (keys ingest wrote whose KV file is gone), corrupt_blocks (deep only),
             orphan_blocks (KV files no passage references, other than the instruction block), temp_files,
             index_missing / index_extra (docstore ids absent from / extra in the saved index file), ok.
         """
@@ -402,6 +399,7 @@ class KnowledgeBase:
             "embedder": dict(self.manifest["embedder"]),
             "chunking": dict(self.manifest["chunking"]),
             "model": layout.model_record(meta),
+            "models": maintenance.models_report(self.docstore, self.kv),
             "kv_discarded": dict(self.kv.discarded),
         }
 

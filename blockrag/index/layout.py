@@ -43,6 +43,12 @@ def model_record(meta: dict[str, str]) -> dict[str, Any]:
             "template_version": meta.get("template_version"), "kv_dtype": meta.get("kv_dtype")}
 
 
+def models_record(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every model the knowledge base holds KV for (the first is the default), for the manifest."""
+    return [{"name": m["name"], "fingerprint": m["fingerprint"], "template": m["template"],
+             "template_version": m["template_version"], "kv_dtype": m["kv_dtype"]} for m in models]
+
+
 def new_manifest(embedder_id: str, embedder_dim: int, chunk_tokens: int, chunk_overlap: int, index: str,
                  fp8: bool, model: dict[str, Any]) -> dict[str, Any]:
     return {

@@ -1,7 +1,8 @@
 """Maintenance of a knowledge base: verify, gc, stats, and deleting documents with their KV files.
 
 Which KV files a knowledge base still needs is decided in one place, ``BlockCensus``: a file is *referenced*
-by a passage, *pinned* (the instruction block 0) or an *orphan* (neither, so ``gc`` may delete it).
+by a passage for one of the models the knowledge base knows, *pinned* (a model's instruction block 0) or
+an *orphan* (neither, so ``gc`` may delete it). Another known model's KV is never an orphan.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ from blockrag.store.errors import CorruptBlockError
 class BlockCensus:
     """The KV files a knowledge base needs, against the files it has."""
 
-    referenced: frozenset[str]  # block keys of passages
-    pinned: frozenset[str]      # blocks kept without a passage (the instruction block)
+    referenced: frozenset[str]  # block keys of passages, for every model the knowledge base knows
+    pinned: frozenset[str]      # blocks kept without a passage (each model's instruction block)
+    ingested: frozenset[str] = frozenset()  # referenced keys whose files ingest wrote (the rest: encoded lazily)
     on_disk: frozenset[str] | None = None  # None: the KV directory was not listed
 
     @classmethod
     def of(cls, docstore: Docstore, kv: DiskKVStore | None = None) -> BlockCensus:
-        pinned = frozenset({docstore.get_meta("prefix_block_key", "")} - {""})
-        return cls(frozenset(docstore.referenced_keys()), pinned,
-                   frozenset(kv.keys()) if kv is not None else None)
+        on_disk = frozenset(kv.keys()) if kv is not None else None
+        ingested = frozenset(docstore.ingested_keys()) if kv is not None else frozenset()
+        return cls(frozenset(docstore.referenced_keys()), frozenset(docstore.pinned_keys()), ingested, on_disk)
 
     @property
     def needed(self) -> frozenset[str]:
@@ -40,8 +42,8 @@ class BlockCensus:
 
     @property
     def missing(self) -> frozenset[str]:
-        """Referenced keys without a KV file."""
-        return self.referenced - self._files
+        """Keys ingest wrote whose KV file is gone (another model's block not encoded yet is not missing)."""
+        return self.ingested - self._files
 
     @property
     def orphans(self) -> frozenset[str]:
@@ -73,10 +75,10 @@ def verify(path: Path, docstore: Docstore, kv: DiskKVStore, index: IndexMirror, 
     census = BlockCensus.of(docstore, kv)
     corrupt: list[str] = []
     if deep:
-        fingerprint = docstore.get_meta("fingerprint")
+        fingerprints = docstore.key_fingerprints()
         for key in sorted(census.referenced & census.on_disk):
             try:
-                decode_block(kv.path_of(key).read_bytes(), key=key, fingerprint=fingerprint)
+                decode_block(kv.path_of(key).read_bytes(), key=key, fingerprint=fingerprints.get(key))
             except (CorruptBlockError, KVBlockMismatchError, FileNotFoundError):
                 corrupt.append(key)
     saved_ids = index.saved_ids()
@@ -113,13 +115,25 @@ def stats(docstore: Docstore, kv: DiskKVStore) -> dict[str, Any]:
     }
 
 
-def delete_documents(docstore: Docstore, ids: list[str]) -> tuple[list[str], list[str], list[tuple[int, str]]]:
+def models_report(docstore: Docstore, kv: DiskKVStore) -> list[dict[str, Any]]:
+    """Per known model: name, fingerprint, template, KV dtype, passages with a block key, blocks on disk."""
+    on_disk = set(kv.keys())
+    conn_rows = docstore.model_keys()
+    out = []
+    for m in docstore.models():
+        keys = conn_rows.get(m["id"], set())
+        out.append({"name": m["name"], "fingerprint": m["fingerprint"], "template": m["template"],
+                    "kv_dtype": m["kv_dtype"], "passages": m["passages"], "blocks_stored": len(keys & on_disk)})
+    return out
+
+
+def delete_documents(docstore: Docstore, ids: list[str]) -> tuple[list[str], list[str], list[tuple[int, set[str]]]]:
     """Remove documents and their passages in one transaction.
 
     Returns:
-        (found ids, missing ids, removed passages as (vec_id, block_key)).
+        (found ids, missing ids, removed passages as (vec_id, block keys of every model)).
     """
-    removed: list[tuple[int, str]] = []
+    removed: list[tuple[int, set[str]]] = []
     found, missing = [], []
     with docstore.transaction() as tx:
         for doc_id in ids:
