@@ -155,10 +155,14 @@ def test_clear_errors(tmp_path, capsys):
     code, _, err = run_cli(capsys, "ingest", tmp_path / "empty", "--kb", tmp_path / "kb2", "--model", "tiny-random",
                            "--no-progress")
     assert code == 1 and "no files matching" in err and "found none" in err
+    assert not (tmp_path / "kb2").exists()  # nothing is created without documents
+    assert run_cli(capsys, "ingest", tmp_path / "doc.txt", "--kb", tmp_path / "kb2", "--model", "tiny-random",
+                   "--no-progress")[0] == 0
+    assert run_cli(capsys, "kb", "delete", tmp_path / "doc.txt", "--kb", tmp_path / "kb2")[0] == 0
     code, _, err = run_cli(capsys, "ask", "Anything?", "--kb", tmp_path / "kb2")
     assert code == 1 and "empty knowledge base" in err
     code, _, err = run_cli(capsys, "ask", "Anything?", "--kb", tmp_path / "kb2", "--k", "0")
-    assert code == 1 and "k to be an int >= 1" in err
+    assert code == 1 and "expected --k to be at least 1" in err
     with pytest.raises(SystemExit) as info:
         cli.main(["ask", "x", "--kb", str(tmp_path), "--mode", "fast"])
     assert info.value.code == 2
