@@ -241,3 +241,35 @@ def test_client_disconnect_mid_stream_frees_the_slot(server, client):
     start = time.monotonic()
     assert client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2).choices
     assert time.monotonic() - start < 5
+
+
+def test_load_benchmark_runs_bounded_with_no_errors(server):
+    """The load benchmark's client loop (benchmarks/serve_load.py) on a small run: every request answered."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    start = time.monotonic()
+    records = asyncio.run(bench.run_load(server.url, MODEL, clients=3, requests=4, max_tokens=4, pool=4,
+                                         stream_every=2, time_limit_s=60))
+    summary = bench.summarize(records, time.monotonic() - start)
+    assert summary["requests"] == 12 and summary["errors"] == 0, summary
+    assert summary["cached_token_share"] > 0 and summary["latency_p99_ms"] >= summary["latency_p50_ms"] > 0
+    assert sum(r["stream"] for r in records) == 6 and all("ttft_ms" in r for r in records if r["stream"])
+
+
+def test_api_key_from_environment(monkeypatch):
+    import argparse
+
+    from blockrag.serve.cli import add_parser, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    monkeypatch.setenv("BLOCKRAG_API_KEY", "from-env")
+    assert options_from_args(parser.parse_args(["serve"]))["api_key"] == "from-env"
+    assert options_from_args(parser.parse_args(["serve", "--api-key", "flag"]))["api_key"] == "flag"
+    monkeypatch.delenv("BLOCKRAG_API_KEY")
+    assert options_from_args(parser.parse_args(["serve"]))["api_key"] is None
