@@ -67,8 +67,8 @@ PRESETS = {
     "smoke": dict(sources=("disflqa", "boolq"), k=2, per_source=8, n_eval=8, batch_size=2, lora_r=4, lora_alpha=8,
                   lora_lr=1e-3, full_lr=1e-4, min_steps=2, max_steps=2, steps_budget_s=1.0, max_length=768,
                   max_new_tokens=8, eval_batch=8, bf16=False),
-    "cpu": dict(sources=("disflqa", "boolq"), k=2, per_source=40, n_eval=24, batch_size=2, lora_r=8, lora_alpha=16,
-                lora_lr=1e-3, steps=16, max_length=768, max_new_tokens=16, eval_batch=8, bf16=False),
+    "cpu": dict(sources=("disflqa", "boolq"), k=2, per_source=40, n_eval=6, batch_size=2, lora_r=8, lora_alpha=16,
+                lora_lr=1e-3, steps=14, max_length=768, nll_modes=("full", "block"), bf16=False),
 }
 
 
@@ -212,18 +212,12 @@ def train_run(base, tokenizer, template, samples, *, name: str, ratio: str, obje
 
 def save_adapter(trainer: Trainer, out: Path) -> dict:
     """The LoRA adapter as float16 safetensors + its peft config (what ``smollm2-135m-block`` ships)."""
-    from safetensors.torch import load_file, save_file
-
-    trainer.model.save_pretrained(str(out / "adapter_tmp"))
-    tensors = load_file(str(out / "adapter_tmp" / "adapter_model.safetensors"))
-    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
-    (out / "adapter_config.json").write_bytes((out / "adapter_tmp" / "adapter_config.json").read_bytes())
-    for f in (out / "adapter_tmp").iterdir():
+    trainer.model.save_pretrained(str(out / "adapter_fp32"))
+    info = export_adapter(out / "adapter_fp32", out)
+    for f in (out / "adapter_fp32").iterdir():
         f.unlink()
-    (out / "adapter_tmp").rmdir()
-    return {"tensors": len(tensors), "parameters": sum(v.numel() for v in tensors.values()),
-            "bytes": (out / "adapter_model.safetensors").stat().st_size}
+    (out / "adapter_fp32").rmdir()
+    return info
 
 
 def merged(model: torch.nn.Module) -> torch.nn.Module:
@@ -325,8 +319,22 @@ def run_gpu(args, preset: dict, out: Path, report: dict) -> None:
 # --- the CPU run -----------------------------------------------------------------------------------------------
 
 
+def export_adapter(src: Path, out: Path, base: str = "smollm2-135m") -> dict:
+    """A peft adapter directory -> float16 safetensors + config naming the base model (what ships)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    config = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return {"tensors": len(tensors), "parameters": sum(v.numel() for v in tensors.values()),
+            "bytes": (out / "adapter_model.safetensors").stat().st_size}
+
+
 def run_cpu(args, preset: dict, out: Path, report: dict) -> None:
-    """A short LoRA run through the ``blockrag finetune`` CLI; answer NLL and accuracy per mode, before and after."""
+    """A short LoRA run through the ``blockrag finetune`` CLI; held-out answer NLL per mode, before and after."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -336,23 +344,20 @@ def run_cpu(args, preset: dict, out: Path, report: dict) -> None:
     template = get_template("chat", tokenizer)
     train_examples = read_jsonl(Path(args.prepared) / "train.jsonl")
     eval_examples = read_jsonl(Path(args.prepared) / "eval.jsonl")
-    records, counts = training_records(train_examples)  # gold targets only (DisflQA, BoolQ)
+    records, counts = training_records(train_examples)  # gold targets only (DisflQA spans, BoolQ yes/no)
     write_jsonl(work / "train_records.jsonl", records)
     eval_nll_samples = render_many([to_record(e) for e in eval_examples], template, tokenizer)  # gold, for the NLL
-    eval_samples = prompt_samples(eval_examples, template, tokenizer)
     report["data"] = {"train_records": len(records), "targets": counts, "eval_examples": len(eval_examples),
-                      "mean_eval_prompt_tokens": round(sum(len(s.prompt_ids) for s in eval_samples)
-                                                       / len(eval_samples), 1)}
-    predictions: list[dict] = []
+                      "mean_eval_tokens": round(sum(s.num_tokens for s in eval_nll_samples) / len(eval_nll_samples),
+                                                1)}
+    modes = preset["nll_modes"]
 
     def measure(model, label: str) -> dict:
-        result = {"answer_nll": {m: round(answer_nll(model, tokenizer, eval_nll_samples, m), 4) for m in EVAL_MODES}}
-        result["answer_nll"]["block_minus_full"] = round(result["answer_nll"]["block"] - result["answer_nll"]["full"],
-                                                         4)
-        result["accuracy"] = evaluate(model, tokenizer, eval_samples, eval_examples, ("full", "block"), preset,
-                                      label, predictions)
-        log(f"{label}: answer NLL {result['answer_nll']}")
-        return result
+        start = time.perf_counter()
+        nll = {m: round(answer_nll(model, tokenizer, eval_nll_samples, m), 4) for m in modes}
+        nll["block_minus_full"] = round(nll["block"] - nll["full"], 4)
+        log(f"{label}: held-out answer NLL {nll} ({time.perf_counter() - start:.0f} s)")
+        return {"answer_nll": nll}
 
     report["results"] = {"base": measure(base, "base")}
     del base
@@ -370,11 +375,10 @@ def run_cpu(args, preset: dict, out: Path, report: dict) -> None:
     logs = read_jsonl(out_dir / "train_log.jsonl")
     (out / "train_logs.jsonl").write_text("".join(json.dumps({"run": "lora_cpu", **e}) + "\n" for e in logs),
                                           encoding="utf-8")
-    report["train_loss"] = {"first": logs[0], "last": logs[-1]}
+    report["train_log"] = logs
+    report["adapter"] = export_adapter(out_dir / "adapter", out)
     tuned = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, attn_implementation="sdpa")
     report["results"]["lora"] = measure(tuned.eval(), "lora")
-    with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
 
 
 # --- report ----------------------------------------------------------------------------------------------------
@@ -429,8 +433,8 @@ def run(args) -> int:
         (out / "table.md").write_text(text + "\n", encoding="utf-8")
         print(text)
     summary = {k: report[k] for k in ("benchmark", "preset", "device", "commit", "wall_s") if k in report}
-    summary["results"] = {run: {mode: cell.get("mean", cell) for mode, cell in modes.items()}
-                          for run, modes in report["results"].items()}
+    summary["results"] = {run: {mode: cell.get("mean", cell) if isinstance(cell, dict) else cell
+                                for mode, cell in modes.items()} for run, modes in report["results"].items()}
     print(json.dumps(summary))
     return 0
 

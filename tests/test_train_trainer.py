@@ -190,6 +190,20 @@ def test_finetune_cli_trains_a_model_the_engine_serves_in_block_mode(saved_model
     assert json.loads((out / "training.json").read_text())["steps"] == 4
 
 
+def test_finetune_cli_distill_objective_logs_kl_near_zero_for_full_copies(saved_model, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, _records())
+    out = tmp_path / "distill"
+    code = _cli(["finetune", "--model", str(saved_model), "--data", str(data), "--output-dir", str(out),
+                 "--max-steps", "1", "--batch-size", "2", "--lr", "1e-3", "--no-progress", "--device", "cpu",
+                 "--log-every", "1", "--lora", "--lora-r", "4", "--objective", "distill"])
+    assert code == 0, capsys.readouterr().err
+    (entry,) = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    # step 1 is computed before any update: the student's full copies are the teacher (KL 0), block copies are not
+    assert entry["full_loss"] < 1e-5 < entry["block_loss"]
+    assert json.loads((out / "training.json").read_text())["config"]["objective"] == "distill"
+
+
 def test_finetune_cli_reports_a_bad_line_and_returns_2(saved_model, tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"passages": ["p"], "question": "q", "answer": "a"}\n{"question": 1}\n', encoding="utf-8")

