@@ -138,6 +138,14 @@ def test_stats_are_json_safe_and_complete(corpus_kb):
     assert stats["embedder"] == {"id": "sentence-transformers/all-MiniLM-L6-v2", "dim": 384}
     assert stats["model"]["fingerprint"] == corpus_kb.engine.fingerprint
     assert stats["kv_dtype"] == "float32" and stats["kv_fp8"] is False
+    # KV per token, from the file sizes, against the model's shape: K and V per layer, KV heads x head size, fp32
+    config = corpus_kb.engine.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    raw = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
+    per_token, per_passage = stats["kv_bytes_per_token"], stats["kv_bytes_per_passage"]
+    assert raw <= per_token <= 1.25 * raw + 16, (per_token, raw)  # + token ids and a header per file
+    assert per_passage == pytest.approx(per_token * stats["passage_tokens"] / stats["passages"], rel=0.05)
+    assert stats["models"][0]["kv_bytes"] < stats["kv_bytes"]  # the instruction block is not a passage
     assert corpus_kb.verify(deep=True)["ok"]
 
 
@@ -490,16 +498,17 @@ def test_hnsw_index(tmp_path, make_engine):
 def test_fp8_kb_is_smaller_and_answers_close(corpus_dir, tmp_path, make_engine):
     with new_kb(tmp_path / "kb", make_engine, fp8=True) as kb:
         kb.add_paths([CORPUS])
-        fp8_bytes = kb.stats()["kv_bytes"]
+        fp8_bytes, fp8_per_token = kb.stats()["kv_bytes"], kb.stats()["kv_bytes_per_token"]
         question = questions()[4]["question"]
         answer = kb.ask(question, k=3, **GEN)
     with KnowledgeBase.open(corpus_dir, make_engine("llama")) as exact:
-        exact_bytes = exact.stats()["kv_bytes"]
+        exact_bytes, exact_per_token = exact.stats()["kv_bytes"], exact.stats()["kv_bytes_per_token"]
         reference = exact.ask(question, k=3, **GEN)
     ratio = fp8_bytes / exact_bytes
     drift = float((answer.generation.prefill.logits - reference.generation.prefill.logits).abs().max())
     print(f"\nfp8 knowledge base: {fp8_bytes} vs {exact_bytes} bytes fp32 ({ratio:.3f}); max logit drift {drift:.4f}")
     assert ratio < 0.45 and answer.usage.encoded_tokens == 0
+    assert 0.2 < fp8_per_token / exact_per_token < 0.45  # the per-token figure follows the codec
     assert 0 < drift < 0.1 * float(reference.generation.prefill.logits.abs().max())
 
 

@@ -319,6 +319,11 @@ class Docstore:
             out.setdefault(row[0], set()).add(row[1])
         return out
 
+    def block_tokens(self, model: str) -> dict[str, int]:
+        """Token count of each of a model's passage block keys."""
+        return {row[0]: row[1] for row in self._conn().execute(
+            "SELECT block_key, token_count FROM model_blocks WHERE model_id = ?", (model,))}
+
     def models(self) -> list[dict[str, Any]]:
         """Models the knowledge base holds KV for, in the order they were added (the first is the default)."""
         rows = self._conn().execute("SELECT o.*, (SELECT COUNT(*) FROM model_blocks m WHERE m.model_id = o.id) "

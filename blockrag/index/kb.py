@@ -388,6 +388,7 @@ class KnowledgeBase:
     def stats(self) -> dict[str, Any]:
         """JSON-safe summary: counts, sizes, model, embedder, chunking, index and KV settings."""
         meta = self.docstore.meta()
+        models = maintenance.models_report(self.docstore, self.kv)
         return {
             "path": str(self.path),
             "format_version": self.manifest["format_version"],
@@ -399,7 +400,9 @@ class KnowledgeBase:
             "embedder": dict(self.manifest["embedder"]),
             "chunking": dict(self.manifest["chunking"]),
             "model": layout.model_record(meta),
-            "models": maintenance.models_report(self.docstore, self.kv),
+            "kv_bytes_per_token": models[0]["kv_bytes_per_token"] if models else None,
+            "kv_bytes_per_passage": models[0]["kv_bytes_per_passage"] if models else None,
+            "models": models,
             "kv_discarded": dict(self.kv.discarded),
         }
 

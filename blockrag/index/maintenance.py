@@ -116,14 +116,24 @@ def stats(docstore: Docstore, kv: DiskKVStore) -> dict[str, Any]:
 
 
 def models_report(docstore: Docstore, kv: DiskKVStore) -> list[dict[str, Any]]:
-    """Per known model: name, fingerprint, template, KV dtype, passages with a block key, blocks on disk."""
+    """Per known model: name, fingerprint, template, KV dtype, passages with a block key, passage blocks on
+    disk, their bytes, and bytes per token and per passage block (to plan disk: a model's KV grows with
+    layers x KV heads x head size x dtype bytes per token)."""
     on_disk = set(kv.keys())
-    conn_rows = docstore.model_keys()
     out = []
     for m in docstore.models():
-        keys = conn_rows.get(m["id"], set())
+        tokens = {key: n for key, n in docstore.block_tokens(m["id"]).items() if key in on_disk}
+        size = 0
+        for key in tokens:
+            try:
+                size += kv.path_of(key).stat().st_size
+            except FileNotFoundError:
+                continue
+        count, total = len(tokens), sum(tokens.values())
         out.append({"name": m["name"], "fingerprint": m["fingerprint"], "template": m["template"],
-                    "kv_dtype": m["kv_dtype"], "passages": m["passages"], "blocks_stored": len(keys & on_disk)})
+                    "kv_dtype": m["kv_dtype"], "passages": m["passages"], "blocks_stored": count, "kv_bytes": size,
+                    "kv_bytes_per_token": round(size / total) if total else None,
+                    "kv_bytes_per_passage": round(size / count) if count else None})
     return out
 
 
