@@ -23,7 +23,7 @@ from typing import Any
 
 from blockrag.models import DEFAULT_MODEL, TINY_NOTE, TINY_PREFIX, is_tiny  # noqa: F401 (used by extensions)
 
-OWN_COMMANDS = ("ingest", "ask", "kb")
+OWN_COMMANDS = ("ingest", "ask", "chat", "kb")
 EXTENSIONS = (("blockrag.train.cli", "finetune"), ("blockrag.eval.cli", "eval"), ("blockrag.serve.cli", "serve"))
 
 
@@ -66,8 +66,29 @@ def _model_options(parser: argparse.ArgumentParser, required: bool = False) -> N
                             "blocks are encoded as they are needed and the other models' KV is kept; 'recompute' is "
                             "an older name for it) or stop with an error ('refuse'). Drop a model's KV only with "
                             "`blockrag kb forget-model`")
+    group.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch CPU threads (intra-op) for the LLM and the embedder; default: torch's choice "
+                            "(all cores). On a shared machine, 1-2 leaves the others theirs")
     group.add_argument("--strict", action="store_true",
                        help="stop with an error on a damaged or wrong-model KV file instead of recomputing it")
+
+
+def _generation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("retrieval and generation")
+    group.add_argument("--k", type=int, default=5, metavar="K", help="passages to retrieve (default 5)")
+    group.add_argument("--mode", choices=("block", "full"), default="block",
+                       help="'block': cached passage KV, only the question prefilled (default); 'full': one ordinary "
+                            "prefill of the same prompt")
+    group.add_argument("--instruction", default=None, metavar="TEXT",
+                       help="text of block 0 (default: the template's instruction; another text is encoded once)")
+    group.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="most tokens to generate (256)")
+    group.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    group.add_argument("--top-k", type=int, default=0, metavar="N",
+                       help="sample only from the N most likely tokens; 0 = no limit (default)")
+    group.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    group.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                       help="stop when the answer contains TEXT (not included); repeatable")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentParser, dict[str, Any]]:
@@ -115,16 +136,21 @@ def build_parser(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentPa
     ask.add_argument("question", help="the question")
     ask.add_argument("--kb", required=True, metavar="DIR", help="knowledge base directory")
     _model_options(ask)
-    ask.add_argument("--k", type=int, default=5, metavar="K", help="passages to retrieve (default 5)")
-    ask.add_argument("--mode", choices=("block", "full"), default="block",
-                     help="'block': cached passage KV, only the question prefilled (default); 'full': one ordinary "
-                          "prefill of the same prompt")
-    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    ask.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="most tokens to generate (256)")
-    ask.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    ask.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    ask.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    _generation_options(ask)
+    ask.add_argument("--stream", action="store_true",
+                     help="print the answer as it is generated (with --json: one JSON line per text delta, then "
+                          "the result line)")
     ask.add_argument("--json", action="store_true", help="print answer, sources and usage as one JSON object")
+
+    chat = sub.add_parser("chat", help="ask questions one after another, with the model loaded once",
+                          description="Read questions from the terminal (or stdin, one per line) and answer each "
+                                      "from the knowledge base as it is typed; the model and the index stay loaded, "
+                                      "so each answer costs only its time to first token and decoding. An empty "
+                                      "line is skipped; 'exit', 'quit' or end of input stops.")
+    chat.add_argument("--kb", required=True, metavar="DIR", help="knowledge base directory")
+    _model_options(chat)
+    _generation_options(chat)
+    chat.add_argument("--no-sources", action="store_true", help="do not list the sources after each answer")
 
     kb = sub.add_parser("kb", help="inspect or maintain a knowledge base", description="Knowledge base maintenance.")
     kb_sub = kb.add_subparsers(dest="kb_command", metavar="ACTION")
@@ -178,6 +204,14 @@ def _engine_for(args, recorded: dict[str, Any], kb_path=None) -> tuple[Any, str 
     from blockrag.errors import BlockRAGError
     from blockrag.index.errors import RecordedModelError
 
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            from blockrag.errors import InvalidInputError
+
+            raise InvalidInputError(f"expected --threads >= 1, found {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     model = args.model or recorded.get("name") or DEFAULT_MODEL
     template = args.template or recorded.get("template")
     if template not in (None, "chat", "tulu3-block"):
@@ -244,8 +278,9 @@ def _ingest(args) -> int:
     return 0
 
 
-def _usage_line(usage, mode: str) -> str:
-    context = usage.cached_tokens + usage.encoded_tokens
+def _usage_line(generation, mode: str) -> str:
+    usage, prefill = generation.usage, generation.prefill
+    context = len(prefill.input_ids) - len(prefill.final_ids)  # NOTE: in full mode too, where nothing is cached
     return (f"usage: TTFT {usage.ttft_s * 1000:.1f} ms | mode {mode} | context {context} tokens "
             f"({usage.cached_tokens} cached, {usage.encoded_tokens} encoded now) | prefilled {usage.prefilled_tokens} "
             f"| generated {usage.generated_tokens} tokens ({usage.decode_tokens_per_s:.1f} tokens/s)")
@@ -258,44 +293,112 @@ def _print_sources(hits) -> None:
         print(f"  [{rank}] {hit.score:.3f}  {hit.title or '(untitled)'}  {where}  (passage {hit.passage_id})")
 
 
-def _ask(args) -> int:
-    from dataclasses import asdict
+def _check_question(question: str, args) -> None:
+    from blockrag.errors import InvalidInputError
+
+    if not question.strip():
+        raise InvalidInputError(f"expected a non-empty question, found {question!r}")
+    if args.k < 1:
+        raise InvalidInputError(f"expected --k to be at least 1, found {args.k}")
+    if args.top_k < 0:
+        raise InvalidInputError(f"expected --top-k >= 0, found {args.top_k}")
+
+
+def _generation_kwargs(args) -> dict[str, Any]:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), instruction=args.instruction)
+
+
+def _open_for_answers(args):
+    """(knowledge base opened with its engine, recorded model name)."""
     from pathlib import Path
 
-    from blockrag.errors import InvalidInputError
     from blockrag.index import KnowledgeBase
 
     path = Path(args.kb)
-    # NOTE: every check that needs no model comes before loading it (seconds)
-    if not args.question.strip():
-        raise InvalidInputError(f"expected a non-empty question, found {args.question!r}")
-    if args.k < 1:
-        raise InvalidInputError(f"expected --k to be at least 1, found {args.k}")
     recorded = KnowledgeBase.info(path)["model"]
     engine, model = _engine_for(args, recorded, path)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed)
-    with KnowledgeBase.open(path, engine, on_mismatch=args.on_mismatch, strict=args.strict, model_name=model) as kb:
-        if args.stream and not args.json:
+    return KnowledgeBase.open(path, engine, on_mismatch=args.on_mismatch, strict=args.strict, model_name=model), model
+
+
+def _result(generation, hits, model: str, mode: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    prefill = generation.prefill
+    return {"answer": generation.text, "model": model, "mode": mode, "finish_reason": generation.finish_reason,
+            "sources": [h.to_dict() for h in hits], "usage": asdict(generation.usage),
+            "context_tokens": len(prefill.input_ids) - len(prefill.final_ids), "warnings": list(generation.warnings),
+            "threads": torch_threads()}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _ask(args) -> int:
+    _check_question(args.question, args)  # NOTE: every check that needs no model comes before loading it
+    kb, model = _open_for_answers(args)
+    options = _generation_kwargs(args)
+    with kb:
+        if args.stream:
             hits, stream = kb.stream(args.question, k=args.k, mode=args.mode, **options)
             for delta in stream:
-                print(delta, end="", flush=True)
-            print()
+                if args.json:
+                    print(json.dumps({"type": "delta", "text": delta}), flush=True)
+                else:
+                    print(delta, end="", flush=True)
+            if not args.json:
+                print()
             generation = stream.result
         else:
             answer = kb.ask(args.question, k=args.k, mode=args.mode, **options)
             hits, generation = answer.sources, answer.generation
     if args.json:
-        print(json.dumps({"answer": generation.text, "model": model, "mode": args.mode,
-                          "finish_reason": generation.finish_reason, "sources": [h.to_dict() for h in hits],
-                          "usage": asdict(generation.usage), "warnings": list(generation.warnings)}))
+        result = _result(generation, hits, model, args.mode)
+        print(json.dumps({"type": "result", **result} if args.stream else result))
         return 0
     if not args.stream:
         print(generation.text)
     print()
     _print_sources(hits)
-    print(_usage_line(generation.usage, args.mode))
+    print(_usage_line(generation, args.mode))
     return 0
+
+
+def _chat(args) -> int:
+    from blockrag.errors import InvalidInputError
+
+    _check_question("-", args)
+    interactive = sys.stdin.isatty()
+    kb, _ = _open_for_answers(args)
+    options = _generation_kwargs(args)
+    with kb:
+        if interactive:
+            print(f"knowledge base {args.kb}: {kb.stats()['passages']} passages. Ask a question; 'exit' or "
+                  "Ctrl-D ends.", file=sys.stderr)
+        while True:
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line or line.strip() in ("exit", "quit"):
+                return 0
+            question = line.strip()
+            if not question:
+                continue
+            try:
+                hits, stream = kb.stream(question, k=args.k, mode=args.mode, **options)
+                for delta in stream:
+                    print(delta, end="", flush=True)
+                print()
+            except InvalidInputError as e:  # one bad question does not end the session
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            if not args.no_sources:
+                _print_sources(hits)
+            print(_usage_line(stream.result, args.mode))
+            print(flush=True)
 
 
 def _kb(args) -> int:
@@ -363,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in runners:
             return int(runners[args.command](args) or 0)
-        return {"ingest": _ingest, "ask": _ask, "kb": _kb}[args.command](args)
+        return {"ingest": _ingest, "ask": _ask, "chat": _chat, "kb": _kb}[args.command](args)
     except BlockRAGError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -299,3 +299,48 @@ def test_list_into_a_closed_pipe_delete_by_path_empty_folders_and_early_validati
     for argv, message in ((["", "--k", "2"], "expected a non-empty question"), (["Why?", "--k", "0"], "--k")):
         proc = blockrag("ask", *argv, "--kb", path)
         assert proc.returncode == 1 and message in proc.stderr and "tiny random" not in proc.stderr, proc.stderr
+
+
+def test_ask_json_stream_lines_generation_flags_and_full_mode_context(kb_dir, capsys):
+    q = questions()[0]["question"]
+    code, out, _ = run_cli(capsys, "ask", q, "--kb", kb_dir, "--k", "2", "--max-new-tokens", "6", "--stream", "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(lines) >= 2 and [x["type"] for x in lines[:-1]] == ["delta"] * (len(lines) - 1)
+    result = lines[-1]
+    assert result["type"] == "result" and "".join(x["text"] for x in lines[:-1]) == result["answer"]
+    greedy = result["answer"]
+    # --top-k 1 samples from the single most likely token: the greedy answer, whatever the temperature
+    code, out, _ = run_cli(capsys, "ask", q, "--kb", kb_dir, "--k", "2", "--max-new-tokens", "6", "--json",
+                           "--temperature", "5", "--top-k", "1", "--seed", "3")
+    assert code == 0 and json.loads(out)["answer"] == greedy
+    code, out, _ = run_cli(capsys, "ask", q, "--kb", kb_dir, "--k", "2", "--max-new-tokens", "6", "--json",
+                           "--temperature", "5", "--seed", "3")
+    assert json.loads(out)["answer"] != greedy  # control: without --top-k the hot sampler wanders off
+    assert len(greedy) >= 4, greedy
+    code, out, _ = run_cli(capsys, "ask", q, "--kb", kb_dir, "--k", "2", "--max-new-tokens", "6", "--json",
+                           "--stop", greedy[2:4])
+    stopped = json.loads(out)
+    assert stopped["answer"] == greedy[:greedy.index(greedy[2:4])] and stopped["finish_reason"] == "stop"
+    code, out, _ = run_cli(capsys, "ask", q, "--kb", kb_dir, "--k", "2", "--max-new-tokens", "2", "--json",
+                           "--instruction", "Answer in one word.", "--threads", "1")
+    other = json.loads(out)
+    assert code == 0 and other["usage"]["encoded_tokens"] > 0 and other["threads"] == 1  # a new block 0, encoded
+    assert other["context_tokens"] != result["context_tokens"]
+    # --mode full reports the context it prefilled, like block mode does
+    code, out, _ = run_cli(capsys, "ask", q, "--kb", kb_dir, "--k", "2", "--max-new-tokens", "2", "--mode", "full")
+    usage = out.strip().splitlines()[-1]
+    assert code == 0 and f"context {result['context_tokens']} tokens (0 cached, 0 encoded now)" in usage
+    code, _, err = run_cli(capsys, "ask", q, "--kb", kb_dir, "--threads", "0")
+    assert code == 1 and "--threads >= 1" in err and "tiny random" not in err
+
+
+def test_chat_answers_each_line_with_the_model_loaded_once(kb_dir):
+    qs = [questions()[0]["question"], questions()[5]["question"]]
+    proc = blockrag("chat", "--kb", kb_dir, "--k", "2", "--max-new-tokens", "3",
+                    stdin=f"{qs[0]}\n\n   \n{qs[1]}\nexit\n{qs[0]}\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("tiny random model") == 1  # loaded once for every question
+    usage = [line for line in proc.stdout.splitlines() if line.startswith("usage: TTFT")]
+    assert len(usage) == 2 and all("0 encoded now" in line for line in usage)  # nothing after 'exit'
+    assert proc.stdout.count("sources:") == 2
+    assert "observatory.md" in proc.stdout.split(usage[0])[0]  # the first answer's sources are the first question's
