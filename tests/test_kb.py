@@ -592,3 +592,18 @@ def test_a_schema_1_docstore_is_migrated_to_per_model_kv(corpus_dir, tmp_path, m
     with KnowledgeBase.open(path, make_engine("llama")) as kb:
         answer = kb.ask(questions()[0]["question"], k=2, **GEN)
         assert answer.usage.encoded_tokens == 0  # block 0 and the passages are the stored ones
+
+
+def test_ingest_progress_counts_passages_encoded_of_those_to_encode(tmp_path, make_engine, capsys):
+    with new_kb(tmp_path / "kb", make_engine) as kb:
+        capsys.readouterr()
+        report = kb.add_paths([CORPUS], progress=True, batch_tokens=512)  # several commits
+        bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+        n = report.blocks_encoded
+        assert n > 10 and report.documents_added == 11
+        final = [line for line in bar if f"{n}/{n}" in line]
+        assert final and "100%" in final[-1] and "tokens/s" in final[-1] and "passage" in final[-1], bar[-3:]
+        partial = [line for line in bar if f"/{n} " in line and f"{n}/{n}" not in line]
+        assert partial  # the total was known before the first block was encoded
+        assert kb.add_paths([CORPUS], progress=True).blocks_encoded == 0
+        assert "encode: 0passage" in capsys.readouterr().err  # nothing to encode on a re-run

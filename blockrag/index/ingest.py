@@ -9,6 +9,8 @@ re-run, removed by ``gc``) and temp files of a dead process (removed by the next
 
 from __future__ import annotations
 
+import collections
+import itertools
 import sqlite3
 import sys
 import time
@@ -94,6 +96,9 @@ class PlannedDocument:
         return sum(p.token_count for p in self.passages)
 
 
+WINDOW_BATCHES = 64  # batches planned ahead of encoding (token ids of that many batches are held in memory)
+
+
 def embed_text(title: str | None, text: str) -> str:
     return f"{title}\n{text}" if title else text
 
@@ -117,29 +122,46 @@ class Ingester:
         self._hashes: dict[str, str] = {}
 
     def run(self, docs: Iterable[Document], budget: int, progress: bool) -> IngestReport:
-        """Plan and commit ``docs`` in batches of about ``budget`` passage tokens (hold the writer lock)."""
+        """Plan and commit ``docs`` in batches of about ``budget`` passage tokens (hold the writer lock).
+
+        Documents are planned (chunked, tokenized) a window ahead of encoding, so the progress bar counts
+        passages encoded of passages to encode, with tokens/s; each batch is committed as soon as it is
+        encoded. A window is ``WINDOW_BATCHES`` batches (the bar's total grows if the input is longer).
+        """
         from tqdm.auto import tqdm
 
         report = IngestReport()
         start = time.perf_counter()
-        with tqdm(desc="ingest", unit="doc", disable=not progress, file=sys.stderr) as bar:
+        documents = iter(docs)
+        held: list[Document] = []  # a document whose id repeats in the window waits for the next window
+        with tqdm(desc="encode", unit="passage", total=0, disable=not progress, file=sys.stderr) as bar:
             self.ensure_prefix_block()
-            batch: list[PlannedDocument] = []
-            for doc in docs:
-                validate_document(doc)
-                if any(p.doc.doc_id == doc.doc_id for p in batch):
-                    self.commit(batch, report)  # the same id twice: the later one must see the earlier
-                    batch = []
-                planned = self.plan(doc, report)
-                bar.update(1)
-                if planned is None:
-                    continue
-                batch.append(planned)
-                if sum(p.token_count for p in batch) >= budget:
-                    self.commit(batch, report)
-                    bar.set_postfix(tokens=report.tokens_encoded)
-                    batch = []
-            self.commit(batch, report)
+            while True:
+                window, tokens, ids = [], 0, set()
+                for doc in itertools.chain(held, documents):
+                    held = []
+                    validate_document(doc)
+                    if doc.doc_id in ids:  # NOTE: the later one must see the earlier one committed
+                        held = [doc]
+                        break
+                    ids.add(doc.doc_id)
+                    planned = self.plan(doc, report)
+                    if planned is not None:
+                        window.append(planned)
+                        tokens += planned.token_count
+                        if tokens >= budget * WINDOW_BATCHES:
+                            break
+                if not window and not held:
+                    break
+                bar.total += len({p.key for d in window for p in d.passages if not self.kv.contains(p.key)})
+                bar.refresh()
+                batch: list[PlannedDocument] = []
+                for planned in window:
+                    batch.append(planned)
+                    if sum(p.token_count for p in batch) >= budget:
+                        self.commit(batch, report, bar, start)
+                        batch = []
+                self.commit(batch, report, bar, start)
         report.seconds = time.perf_counter() - start
         return report
 
@@ -189,8 +211,9 @@ class Ingester:
                                      f"at most {engine.max_positions} positions; ingest with fewer chunk tokens")
         return PlannedDocument(doc, existing is not None, tuple(passages))
 
-    def commit(self, batch: list[PlannedDocument], report: IngestReport) -> None:
-        """KV files first, then one docstore transaction, then the in-memory index."""
+    def commit(self, batch: list[PlannedDocument], report: IngestReport, bar=None, start: float = 0.0) -> None:
+        """KV files first, then one docstore transaction, then the in-memory index. ``bar`` (tqdm) counts
+        passages encoded, in steps of one encoder budget."""
         if not batch:
             return
         todo: dict[str, PlannedPassage] = {}
@@ -202,14 +225,22 @@ class Ingester:
                     report.blocks_reused += 1
                 else:
                     todo[p.key] = p
-        if todo:
-            items = list(todo.values())
+        items = collections.deque(todo.values())
+        step = max(1, self.engine.encoder.token_budget)
+        while items:
+            part, tokens = [], 0
+            while items and (not part or tokens + items[0].token_count <= step):
+                tokens += items[0].token_count
+                part.append(items.popleft())
             # NOTE: raises StoreWriteError (e.g. disk full) before anything of the batch is committed.
-            blocks, _ = self.engine.source_blocks([p.token_ids for p in items], [p.rendered for p in items],
+            blocks, _ = self.engine.source_blocks([p.token_ids for p in part], [p.rendered for p in part],
                                                   store=self.kv)
             report.blocks_encoded += len(blocks)
             report.tokens_encoded += sum(b.num_tokens for b in blocks)
             del blocks
+            if bar is not None:
+                bar.update(len(part))
+                bar.set_postfix_str(f"{report.tokens_encoded / max(time.perf_counter() - start, 1e-9):.0f} tokens/s")
         flat = [(planned, p) for planned in batch for p in planned.passages]
         vectors = self.embedder().embed([embed_text(planned.doc.title, p.text) for planned, p in flat])
         removed: list[tuple[int, set[str]]] = []
