@@ -174,3 +174,47 @@ def test_jsonl_unicode_roundtrip(tmp_path):
     (tmp_path / "u.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
     (doc,) = load_paths(tmp_path / "u.jsonl")
     assert (doc.id, doc.title, doc.text, doc.metadata) == ("u", "Ünï", "東京 🚀", {"tags": ["a"]})
+
+
+def _pdf(text_lines: list[str], title: str) -> bytes:
+    """A minimal valid PDF (one page, Helvetica text, an /Info title), written by hand with a correct xref."""
+    stream = "BT /F1 12 Tf 72 720 Td 14 TL " + " ".join(f"({line}) '" for line in text_lines) + " ET"
+    objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        "/Resources << /Font << /F1 5 0 R >> >> >>",
+        f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream",
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        f"<< /Title ({title}) >>",
+    ]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += "".join(f"{o:010d} 00000 n \n" for o in offsets).encode()
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R /Info 6 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)
+
+
+def test_txt_titles_html_text_and_pdf_text(tmp_path):
+    (tmp_path / "notes.txt").write_text("Field notes on herons\n\nThe grey heron nests in colonies.\nIt eats fish.\n")
+    (tmp_path / "plain.txt").write_text("The grey heron nests in colonies.\n\nIt eats fish.\n")  # a sentence: no title
+    (tmp_path / "page.html").write_text(
+        "<!doctype html><html><head><title>Heron &amp; egret</title><style>p {color: red}</style>"
+        "<script>var x = 'not text';</script></head><body><h1>Wading birds</h1><p>Herons stand&nbsp;still.</p>"
+        "<p>Egrets are <b>white</b>.</p><script>alert(1)</script></body></html>")
+    (tmp_path / "paper.pdf").write_bytes(_pdf(["Herons hunt at dawn.", "They swallow fish whole."], "Heron habits"))
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4\nthis is not a PDF body")
+    warnings: list[str] = []
+    docs = {Path(d.source).name: d for d in load_paths([tmp_path], warnings=warnings)}
+    assert docs["notes.txt"].title == "Field notes on herons" and docs["plain.txt"].title == "plain"
+    page = docs["page.html"]
+    assert page.title == "Heron & egret"
+    assert page.text == "Wading birds\n\nHerons stand still.\n\nEgrets are white.", repr(page.text)
+    assert "not text" not in page.text and "color" not in page.text
+    pdf = docs["paper.pdf"]
+    assert pdf.title == "Heron habits" and "Herons hunt at dawn." in pdf.text and "swallow fish whole" in pdf.text
+    assert "broken.pdf" not in docs and any("broken.pdf" in w and "readable PDF" in w for w in warnings), warnings

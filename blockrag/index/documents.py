@@ -1,4 +1,5 @@
-"""Documents and their loaders: ``.txt``, ``.md``, ``.jsonl`` files and directories (recursive, glob filters).
+"""Documents and their loaders: ``.txt``, ``.md``, ``.html``, ``.pdf`` (with pypdf), ``.jsonl`` files and
+directories (recursive, glob filters).
 
 Loaders yield ``Document`` objects and report what they skipped (empty, binary or non-UTF-8 files, bad
 JSONL lines) through a list of warnings, so a large ingest is not stopped by one bad file; paths that do
@@ -23,7 +24,9 @@ logger = logging.getLogger("blockrag.index")
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
-SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
+HTML_SUFFIXES = (".html", ".htm")
+PDF_SUFFIXES = (".pdf",)
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + HTML_SUFFIXES + PDF_SUFFIXES
 _SNIFF_BYTES = 8192
 
 
@@ -99,6 +102,18 @@ def _read_text(path: Path, warnings: list[str]) -> str | None:
     return text
 
 
+def _first_line_title(text: str) -> str | None:
+    """The first line of a plain text file when it reads as a title: short, no sentence punctuation at its
+    end, and a blank line after it."""
+    lines = text.lstrip("\n").splitlines()
+    if len(lines) < 3 or lines[1].strip():
+        return None
+    first = lines[0].strip()
+    if not first or len(first) > 80 or len(first.split()) > 12 or first[-1] in ".,;:!?":
+        return None
+    return first
+
+
 def _markdown_title(text: str) -> str | None:
     for line in text.splitlines()[:20]:
         if line.startswith("# "):
@@ -109,22 +124,49 @@ def _markdown_title(text: str) -> str | None:
 def load_file(path: str | os.PathLike, warnings: list[str] | None = None) -> Iterator[Document]:
     """Documents of one file: one per text/markdown file, one per JSONL line.
 
-    Text files get id = source = the absolute path, and a title from the first markdown heading or the file
-    name. JSONL lines are objects with "text" (required), "id", "title", "source"; other fields become
+    Text, HTML and PDF files get id = source = the absolute path, and a title: the first markdown heading,
+    the HTML <title> (or first <h1>), the PDF's title, a plain text file's first line when it reads as a
+    title (short, no final punctuation, a blank line after it), else the file name. HTML is reduced to its
+    visible text (standard library parser); PDF needs the optional pypdf (``blockrag[pdf]``; skipped with a
+    warning without it). JSONL lines are objects with "text" (required), "id", "title", "source"; other fields become
     metadata. Bad lines are skipped with a warning naming the line.
     """
     warnings = warnings if warnings is not None else []
     path = Path(path)
     if not path.is_file():
         raise DocumentError(f"expected a readable file, found nothing at {path}")
-    if path.suffix.lower() in JSONL_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
         yield from _load_jsonl(path, warnings)
+        return
+    source = str(path.resolve())
+    if suffix in PDF_SUFFIXES:
+        from blockrag.index.markup import pdf_text
+
+        try:
+            text, title = pdf_text(path)
+        except (ImportError, ValueError) as e:
+            warnings.append(f"skipped {path}: {e}")
+            return
+        if not text.strip():
+            warnings.append(f"skipped {path}: the PDF has no extractable text (scanned pages need OCR first)")
+            return
+        yield Document(text=text, id=source, title=title or path.stem, source=source)
         return
     text = _read_text(path, warnings)
     if text is None:
         return
-    source = str(path.resolve())
-    title = _markdown_title(text) if path.suffix.lower() in (".md", ".markdown") else None
+    if suffix in HTML_SUFFIXES:
+        from blockrag.index.markup import html_text
+
+        text, title = html_text(text)
+        if not text:
+            warnings.append(f"skipped {path}: the HTML has no visible text")
+            return
+    elif suffix in (".md", ".markdown"):
+        title = _markdown_title(text)
+    else:
+        title = _first_line_title(text)
     yield Document(text=text, id=source, title=title or path.stem, source=source)
 
 
