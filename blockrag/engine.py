@@ -483,11 +483,7 @@ class BlockEngine:
         bucket = self.graphs.bucket(sum(b.num_tokens for b in blocks), len(final_ids))
         if bucket is None or not self.graphs.lock.acquire(blocking=False):
             return None
-        try:
-            if path == "host":
-                # NOTE: copied whole, in stream order, before the replay: a graph cannot wait on per-layer
-                # copies, and with fp8 blocks the transfer is short enough that this beats pipelining.
-                blocks = [b.to(self.device, non_blocking=True) for b in blocks]
+        try:  # host-resident blocks: the graphs copy them group of layers by group, overlapped with the replay
             with self._attention:
                 logits, cache = self.graphs.prefill(blocks, final_ids, self.rope, reencode, bucket)
         except BaseException:

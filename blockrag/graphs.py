@@ -12,8 +12,13 @@ final-length bucket and replayed for any context length up to ``max_context``:
 * the final block is padded to its bucket; padded tokens come after the real ones, so no real token sees
   them, and decoding overwrites their cache slots.
 
-Only for 16-bit models on CUDA with device-resident blocks; everything else takes the eager path. One
-request at a time uses the static buffer (a lock); a concurrent request falls back to the eager path.
+The forward is captured as a chain of graphs, one per group of layers (cut at the first cache update of each
+group), replayed in order. Host-resident blocks (pinned memory) are copied group by group on a side stream;
+before each piece, the compute stream waits for that group's copy and gathers its layers, so the transfer of
+later layers overlaps the replay of earlier ones and only the last group's gather and piece follow the copy.
+
+Only for 16-bit models on CUDA; everything else takes the eager path. One request at a time uses the static
+buffer (a lock); a concurrent request falls back to the eager path.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from blockrag.assemble import block_offsets, gather_plans
+from blockrag.assemble import _copy_from_host, block_offsets, gather_plans
 from blockrag.attention import _attend, merge_partials
 from blockrag.hf import KVCache, buffer_cache, forward, slot_cache
 from blockrag.kernels import final_block_attention, gather_rotate, split_meta
@@ -78,9 +83,17 @@ def graph_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, sta
     return merge_partials(torch.cat([out, tail_out]), torch.cat([lse, tail_lse]))[None]
 
 
+def _cut_before(cut, update):
+    def cut_then_update(*args, **kwargs):
+        cut()
+        return update(*args, **kwargs)
+    return cut_then_update
+
+
 @dataclass
 class _Captured:
-    graph: torch.cuda.CUDAGraph
+    graphs: list  # torch.cuda.CUDAGraph pieces, replayed in order
+    groups: list  # per piece, the layers whose cache it updates first (their KV must be in place before it)
     ids: Tensor  # (1, q)
     positions: Tensor  # (1, q)
     last: Tensor  # (1,) index of the last real token
@@ -100,10 +113,12 @@ class FinalBlockGraphs:
         attention: "triton" (``kernels.final_block_attention``: split-KV over the context and the final block
             in one launch, padding rows skipped), "flash" (flash varlen over fixed chunks + causal tail +
             merge) or "auto" (triton where the head dim is a power of two).
+        pipeline_host: overlap host-to-device copies with the replay, group of layers by group (False: copy
+            everything, then replay).
     """
 
     def __init__(self, model, max_context: int, chunk: int = 4096, buckets=BUCKETS, decode_room: int = 512,
-                 attention: str = "auto", max_splits: int = 16):
+                 attention: str = "auto", max_splits: int = 16, pipeline_host: bool = True):
         config = model.config.get_text_config()
         self.model = model
         self.buckets = tuple(sorted(buckets))
@@ -119,7 +134,7 @@ class FinalBlockGraphs:
             attention = "triton" if dim >= 16 and not dim & (dim - 1) else "flash"
         if attention not in ("triton", "flash"):
             raise ValueError(f"expected attention 'auto', 'triton' or 'flash', found {attention!r}")
-        self.attention, self.max_splits = attention, max_splits
+        self.attention, self.max_splits, self.pipeline_host = attention, max_splits, pipeline_host
         self.keys = torch.empty(layers, 1, heads, capacity, dim, dtype=dtype, device=device)
         self.values = torch.empty_like(self.keys)
         self.lock = threading.Lock()
@@ -132,16 +147,26 @@ class FinalBlockGraphs:
         return next((b for b in self.buckets if b >= final), None)
 
     def prefill(self, blocks, final_ids: list[int], rope, reencode: bool, bucket: int) -> tuple[Tensor, KVCache]:
-        """Gather blocks into the buffer, replay the bucket's graph; return (last logits (V,), decode cache)."""
+        """Gather blocks into the buffer, replay the bucket's graphs; return (last logits (V,), decode cache).
+
+        Blocks may be on the device or in (pinned) host memory, mixed.
+        """
         device = self.keys.device
         # NOTE: capture first: its warm-up runs write into the buffer, which must not clobber this context.
         captured = self._graphs.get(bucket) or self._capture(bucket)
         offsets = block_offsets(blocks)
         context = offsets[-1] + blocks[-1].num_tokens
         deltas = offsets if reencode else [0] * len(blocks)
-        for plan in gather_plans(blocks, [b.keys for b in blocks], [b.values for b in blocks], offsets, deltas, rope,
-                                 device):
-            gather_rotate(plan, 0, self.keys[:, 0], self.values[:, 0])
+        on_host = any(b.device.type == "cpu" for b in blocks)
+        ready = None
+        if on_host and self.pipeline_host and len(captured.graphs) > 1:
+            ready = _copy_from_host(blocks, offsets, deltas, rope, self.keys, self.values)  # per-layer hooks
+        else:
+            if on_host:
+                blocks = [b.to(device, non_blocking=True) for b in blocks]
+            for plan in gather_plans(blocks, [b.keys for b in blocks], [b.values for b in blocks], offsets, deltas,
+                                     rope, device):
+                gather_rotate(plan, 0, self.keys[:, 0], self.values[:, 0])
         q = len(final_ids)
         host = torch.zeros(2, bucket, dtype=torch.long)
         host[0, :q] = torch.tensor(final_ids)
@@ -156,7 +181,11 @@ class FinalBlockGraphs:
         if captured.state.meta is not None:
             meta = split_meta(context, q, self.max_splits)
             captured.state.meta.copy_(torch.tensor(meta, dtype=torch.int32), non_blocking=True)
-        captured.graph.replay()
+        for graph, layers in zip(captured.graphs, captured.groups):
+            if ready is not None:
+                for layer in layers:
+                    ready[layer]()  # wait for this layer's copy, gather + rotate it (compute stream)
+            graph.replay()
         return captured.logits[0, -1].float(), buffer_cache(self.model.config, self.keys, self.values, context + q)
 
     def _capture(self, bucket: int) -> _Captured:
@@ -177,8 +206,24 @@ class FinalBlockGraphs:
         positions = torch.arange(bucket, device=device)[None]
         last = torch.full((1,), bucket - 1, dtype=torch.long, device=device)
         mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # 4D: transformers builds no mask
+        layers = self.keys.shape[0]
+        group = max(1, layers // 8)  # the copy groups of assemble._copy_from_host
+        starts = list(range(group, layers, group))  # layers whose first cache update opens a new piece
+        groups = [range(a, b) for a, b in zip([0, *starts], [*starts, layers])]
+        graphs = [torch.cuda.CUDAGraph() for _ in groups]
+        pool = torch.cuda.graph_pool_handle()
+        switch = {"on": False, "piece": 0}
+
+        def cut() -> None:  # pieces share one memory pool: captured in order, replayed in order
+            if switch["on"]:
+                graphs[switch["piece"]].capture_end()
+                switch["piece"] += 1
+                graphs[switch["piece"]].capture_begin(pool=pool)
+
         # the final block's keys go to the slots in state.tail; attention reads the whole buffer
         cache = slot_cache(self.model.config, self.keys, self.values, state.tail)
+        for layer in starts:  # while capturing, the first update of each group's layer opens a new piece
+            cache.layers[layer].update = _cut_before(cut, cache.layers[layer].update)
 
         def step() -> Tensor:
             return forward(self.model, ids, position_ids=positions, attention_mask=mask, cache=cache,
@@ -190,9 +235,19 @@ class FinalBlockGraphs:
             for _ in range(2):  # warm-up outside the graph: kernels selected, workspaces allocated
                 step()
         torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = step()
-        captured = _Captured(graph, ids, positions, last, state, logits)
+        torch.cuda.synchronize(device)
+        capture = torch.cuda.Stream(device)
+        with torch.cuda.stream(capture):
+            graphs[0].capture_begin(pool=pool)
+            switch["on"] = True
+            try:
+                logits = step()
+            finally:
+                switch["on"] = False
+                graphs[switch["piece"]].capture_end()
+        torch.cuda.current_stream(device).wait_stream(capture)
+        if switch["piece"] != len(graphs) - 1:
+            raise RuntimeError(f"captured {switch['piece'] + 1} graph pieces, expected {len(graphs)}")
+        captured = _Captured(graphs, groups, ids, positions, last, state, logits)
         self._graphs[bucket] = captured
         return captured

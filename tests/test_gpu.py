@@ -188,8 +188,16 @@ def test_cuda_graph_prefill_matches_the_eager_fast_path(tokenizer, attention):
     # Host-resident (pinned) and fp8 blocks replay the same graphs after one copy to the device.
     host = [b.to("cpu") for b in graphed.encode(passages[:5])]
     host = [dataclasses.replace(b, keys=b.keys.pin_memory(), values=b.values.pin_memory()) for b in host]
-    from_host = graphed.prefill(host, "Which?")
+    from_host = graphed.prefill(host, "Which?")  # copies overlapped with the graph pieces
+    assert len(next(iter(graphed.graphs._graphs.values())).graphs) == 2  # 2 layers: one piece per layer
     torch.testing.assert_close(from_host.logits, eager.prefill(passages[:5], "Which?").logits, atol=tol, rtol=0)
+    graphed.graphs.pipeline_host = False  # copy everything, then replay: the same numbers
+    serial = graphed.prefill(host, "Which?")
+    graphed.graphs.pipeline_host = True
+    torch.testing.assert_close(serial.logits, from_host.logits, atol=1e-6, rtol=0)
+    mixed = [graphed.encode(passages[5:6])[0], *host[1:]]  # a device-resident block among host ones
+    torch.testing.assert_close(graphed.prefill(mixed, "Which?").logits,
+                               eager.prefill([passages[5], *passages[1:5]], "Which?").logits, atol=tol, rtol=0)
     fp8 = graphed.prefill([b.quantize() for b in host], "Which?")
     assert (fp8.logits - from_host.logits).abs().max() < 0.25 * from_host.logits.abs().max()
     # Busy buffer: a second request falls back to the eager path instead of waiting.
