@@ -7,6 +7,11 @@ Type conversion only. Messages become the engine's three prompt parts:
   passages, each a cached KV block (looked up by the content key in `extras["block_key"]`, else by text);
 - every other text -> the final block, which is the only part prefilled per request. One human message
   is the question as is; a longer conversation is written out as `User: ...` / `Assistant: ...` lines.
+- opt-in, for a stock prompt whose `{context}` is one string (`ChatPromptTemplate` + `format_docs`):
+  with `context_separator` set (the string the user's `format_docs` joins documents with), the text of a
+  human message is cut at that separator; every piece but the last becomes a passage block (cached), the
+  last piece (the question) is the final block. The first piece holds whatever the prompt puts before the
+  first document: a separator after that preamble makes it a block of its own, cached for every request.
 
 The engine's `Usage` becomes `usage_metadata`: `input_token_details.cache_read` counts tokens served
 from cached blocks, `cache_creation` tokens encoded (and stored) during the request.
@@ -64,8 +69,12 @@ def _role(message: BaseMessage) -> str:
     return message.type.capitalize()
 
 
-def to_engine_request(messages: Sequence[BaseMessage], engine: BlockEngine) -> EngineRequest:
+def to_engine_request(messages: Sequence[BaseMessage], engine: BlockEngine,
+                      context_separator: str | None = None) -> EngineRequest:
     """Split chat messages into the engine's instruction, passages and question.
+
+    With ``context_separator``, a human message's text is cut there: the pieces before the last become
+    passages (in order), the last one stays the message's text.
 
     Raises:
         InvalidInputError: a content block the model cannot read (images, files, ...), a `text-plain`
@@ -96,6 +105,10 @@ def to_engine_request(messages: Sequence[BaseMessage], engine: BlockEngine) -> E
                     f"({message.type}); ChatBlockRAG reads text only"
                 )
         text = "".join(texts).strip()
+        if context_separator and isinstance(message, HumanMessage) and context_separator in text:
+            *pieces, text = text.split(context_separator)
+            passages += [engine.passage_or_block(piece.strip()) for piece in pieces if piece.strip()]
+            text = text.strip()
         if not text:
             continue
         if isinstance(message, SystemMessage):
@@ -169,6 +182,9 @@ class ChatBlockRAG(BaseChatModel):
     """Strings that end generation (the text is cut before them)."""
     streaming: bool = False
     """Whether `invoke` streams internally (fires `on_llm_new_token` callbacks)."""
+    context_separator: str | None = None
+    """Opt-in: cut human-message text at this string (what your `format_docs` joins documents with, e.g.
+    "\n\n"): each piece but the last becomes a cached passage block, the last is the question."""
 
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
@@ -176,6 +192,8 @@ class ChatBlockRAG(BaseChatModel):
             raise InvalidInputError("expected `model` (a Hub name or local path) or `engine`, found neither")
         if not self.model_name:
             self.model_name = self.engine.model_name
+        if self.context_separator == "":
+            raise InvalidInputError("expected a non-empty context_separator (e.g. '\\n\\n'), found ''")
 
     @property
     def _llm_type(self) -> str:
@@ -228,7 +246,7 @@ class ChatBlockRAG(BaseChatModel):
             seed=kwargs.get("seed", self.seed),
             stop=tuple(stop if stop is not None else self.stop or ()),
         )
-        return engine, to_engine_request(messages, engine), options
+        return engine, to_engine_request(messages, engine, self.context_separator), options
 
     @staticmethod
     def _info(engine: BlockEngine, generation: Generation, mode: str) -> dict[str, Any]:
