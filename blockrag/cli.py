@@ -461,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" bars of every model load
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)  # e.g. transformers' renamed forward arguments
     from blockrag.errors import BlockRAGError
 
     try:

@@ -83,3 +83,12 @@ def no_transformers_deprecations():
     yield handler
     logger.removeHandler(handler)
     assert not handler.messages, f"transformers logged a deprecation: {handler.messages}"
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """(model, tokenizer) of the embedded real model (smollm2-135m, fp32 on the CPU), loaded once per session."""
+    from blockrag.models import load
+
+    loaded = load("smollm2-135m", device="cpu", dtype=torch.float32)
+    return loaded.model, loaded.tokenizer

@@ -49,12 +49,14 @@ def _check_common(out: str, answers: int) -> None:
 
 def test_quickstart(monkeypatch, capsys, tmp_path):
     out = _run("quickstart", [*TINY, "--kb", str(tmp_path / "kb")], monkeypatch, capsys)
-    _check_common(out, answers=3)
+    _check_common(out, answers=4)
     assert "[kb] 30 documents" in out
     # ingest stored every passage block: block mode encodes nothing at question time
     assert len(re.findall(r"block mode: TTFT [\d.]+ ms \| context: [1-9]\d* tokens from cached blocks, 0 encoded now",
-                          out)) == 3
-    assert len(re.findall(r"full mode:  TTFT [\d.]+ ms, [1-9]\d* tokens prefilled", out)) == 3
+                          out)) == 4
+    assert len(re.findall(r"full mode:  TTFT [\d.]+ ms \| context: 0 tokens from cached blocks, 0 encoded now \| "
+                          r"[1-9]\d* prefilled", out)) == 4
+    assert len(re.findall(r"TTFT: block \d+ ms vs full \d+ ms", out)) == 4
 
 
 def test_langchain_qa(monkeypatch, capsys):
