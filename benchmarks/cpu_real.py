@@ -6,6 +6,8 @@ example documents (examples/data/calder_fell), cycled, in passages of about --bl
 
   torch_full       BlockEngine.prefill(mode="full"): one causal prefill, fp32 (the GGUF dequantised)
   block            BlockEngine.prefill with every passage's KV block already cached (mode="block")
+  block_fast_attention  the same with fast_attention=True: the engine's GQA-folded attention (unmasked
+                   context through the CPU flash kernel, causal tail, log-sum-exp merge) instead of HF sdpa
   llama_full       llama.cpp (llama-cpp-python), same GGUF file, same token ids, fresh context: full prefill
   llama_cached     llama.cpp with its prompt cache warm: the same passages in the same order were just
                    evaluated with another question, so it reuses their KV prefix and prefills the rest
@@ -136,26 +138,27 @@ def block_breakdown(engine: BlockEngine, blocks, question: str) -> dict:
             "gemm_ms": sums["gemm"], "other_forward_ms": max(forward - sums["attention"] - sums["gemm"], 0.0)}
 
 
-def llama_columns(gguf_path: Path, threads: int, n_ctx: int):
+def llama_model(gguf_path: Path, threads: int, n_ctx: int):
+    """llama.cpp over the same GGUF file, or None without llama-cpp-python."""
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
-    llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                n_batch=512, verbose=False, logits_all=False)
-    return llm
+    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                 verbose=False, logits_all=False)
 
 
 def llama_prefill(llm, ids: list[int], keep: int = 0) -> None:
-    """Evaluate ``ids`` keeping the first ``keep`` tokens' KV from the previous evaluation (0: fresh context)."""
+    """Evaluate ``ids`` keeping the first ``keep`` tokens' KV from the previous evaluation (0: fresh context).
+
+    ``Llama.eval`` drops the KV from ``n_tokens`` on and decodes in batches of n_batch; only the last
+    token's logits are computed (logits_all=False), as with block mode's logits_to_keep=1.
+    """
     if keep:
         llm.n_tokens = keep
-        llm._ctx.memory_seq_rm(-1, keep, -1) if hasattr(llm._ctx, "memory_seq_rm") else llm._ctx.kv_cache_seq_rm(
-            -1, keep, -1)
         llm.eval(ids[keep:])
     else:
         llm.reset()
-        llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else llm._ctx.kv_cache_clear()
         llm.eval(ids)
 
 
@@ -167,7 +170,9 @@ def run(args) -> dict:
     loaded = load(DEFAULT_MODEL, device="cpu", dtype=torch.float32)
     load_s = time.perf_counter() - t0
     engine = BlockEngine(loaded.model, loaded.tokenizer)
-    llm = None if args.no_llama else llama_columns(gguf_path, args.threads, n_ctx=max(args.totals) + 512)
+    # the engine's own GQA-folded attention (context unmasked through the CPU flash kernel + causal tail)
+    fast = BlockEngine(loaded.model, loaded.tokenizer, fast_attention=True, verify_rope=False)
+    llm = None if args.no_llama else llama_model(gguf_path, args.threads, n_ctx=max(args.totals) + 512)
     rows = []
     for total in args.totals:
         passages = passages_for(engine.tokenizer, total - 60, args.block_tokens)
@@ -177,6 +182,9 @@ def run(args) -> dict:
         row = {"total_tokens": len(ids), "final_tokens": len(probe.final_ids), "blocks": len(blocks),
                "load_avg_before": load_average()}
         row["block_ms"] = 1e3 * median_time(lambda b=blocks: engine.prefill(b, QUESTION), args.repeats)
+        row["block_fast_attention_ms"] = 1e3 * median_time(lambda b=blocks: fast.prefill(b, QUESTION), args.repeats)
+        row["fast_attention_max_abs_logit_diff"] = (fast.prefill(blocks, QUESTION).logits - probe.logits).abs().max(
+        ).item()
         row["torch_full_ms"] = 1e3 * median_time(lambda p=passages: engine.prefill(p, QUESTION, mode="full"),
                                                  args.repeats_full, 0)
         if llm is not None:
@@ -213,7 +221,8 @@ def run(args) -> dict:
 
 def print_table(result: dict) -> None:
     rows = result["rows"]
-    cols = [c for c in ("torch_full_ms", "llama_full_ms", "llama_cached_ms", "block_ms", "speedup_vs_llama_full",
+    cols = [c for c in ("torch_full_ms", "llama_full_ms", "llama_cached_ms", "block_ms", "block_fast_attention_ms",
+                        "speedup_vs_llama_full",
                         "speedup_vs_torch_full") if c in rows[0]]
     print(f"\n{result['device']} | {result['threads']} threads | {result['model']} | llama.cpp {result['llama_cpp']}")
     print("| total tokens | " + " | ".join(cols) + " | load avg |")
