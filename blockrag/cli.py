@@ -53,9 +53,10 @@ def _model_options(parser: argparse.ArgumentParser, required: bool = False) -> N
                             f"'{TINY_PREFIX}' (or '{TINY_PREFIX}:ARCH') builds a tiny random model for offline tests "
                             "(answers are noise). Default: the model the knowledge base was built with, else "
                             f"{DEFAULT_MODEL}")
-    group.add_argument("--template", choices=("chat", "tulu3-block"), default=None,
-                       help="block prompt format: 'chat' (the model's chat template) or 'tulu3-block' (the paper's "
-                            "checkpoint). Default: the knowledge base's, else 'chat'")
+    group.add_argument("--template", default=None, metavar="T",
+                       help="block prompt format: 'chat' (the model's chat template), 'tulu3-block' (the paper's "
+                            "checkpoint) or a block_template.json file (as eval and finetune write and read). "
+                            "Default: the knowledge base's, else the model's own, else 'chat'")
     group.add_argument("--device", default=None, help="torch device for the LLM (default: cuda if available, else cpu)")
     group.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="LLM weight and KV dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -193,11 +194,11 @@ def build_parser(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentPa
 
 # --- commands ------------------------------------------------------------------------------------
 
-def _engine_for(args, recorded: dict[str, Any], kb_path=None) -> tuple[Any, str | None]:
+def _engine_for(args, recorded: dict[str, Any], kb_path=None) -> tuple[Any, str | None, str | None]:
     """The engine to use: --model / --template, else what the knowledge base recorded.
 
-    Returns the engine and the name to record: a local path is made absolute, so that the knowledge base
-    can load it again from any folder.
+    Returns the engine, the model name to record (a local path made absolute, so that the knowledge base
+    can load it again from any folder) and the template name to record (a JSON file's absolute path).
     """
     from pathlib import Path
 
@@ -213,9 +214,7 @@ def _engine_for(args, recorded: dict[str, Any], kb_path=None) -> tuple[Any, str 
 
         torch.set_num_threads(args.threads)
     model = args.model or recorded.get("name") or DEFAULT_MODEL
-    template = args.template or recorded.get("template")
-    if template not in (None, "chat", "tulu3-block"):
-        template = "chat"  # a custom template cannot be rebuilt from its name
+    template, template_name = _template(args.template, recorded.get("template"), kb_path)
     try:
         engine = load_engine(model, template=template, device=args.device, dtype=args.dtype,
                              token_budget=args.token_budget, progress=args.verbose)
@@ -228,7 +227,35 @@ def _engine_for(args, recorded: dict[str, Any], kb_path=None) -> tuple[Any, str 
             f"loaded here ({type(e).__name__}: {first}); pass --model NAME_OR_PATH with that model (or another one: "
             f"the knowledge base then adds it; `blockrag kb stats --kb {kb_path}` lists its models)") from None
     local = Path(model).expanduser()
-    return engine, str(local.resolve()) if not is_tiny(model) and local.exists() else model
+    return engine, str(local.resolve()) if not is_tiny(model) and local.exists() else model, template_name
+
+
+def _template(spec: str | None, recorded: str | None, kb_path):
+    """(template for the engine: a preset name, a BlockTemplate or None, the name to record for it).
+
+    A JSON template is recorded by its absolute path, so a later run without --template rebuilds it.
+    """
+    from pathlib import Path
+
+    from blockrag.errors import InvalidInputError
+    from blockrag.template import PRESETS
+
+    if spec is None and recorded is not None and recorded not in PRESETS:
+        if not Path(recorded).is_file():
+            raise InvalidInputError(
+                f"expected the template the knowledge base at {kb_path} records ({recorded!r}) to be a preset "
+                f"{PRESETS} or a JSON file, found neither; pass --template (the file the knowledge base was "
+                "built with)")
+        spec = recorded
+    spec = spec if spec is not None else recorded
+    if spec is None or spec in PRESETS:
+        return spec, spec
+    if not Path(spec).is_file():
+        raise InvalidInputError(f"expected --template to be one of {PRESETS} or a block_template.json file, found "
+                                f"{spec!r}")
+    from blockrag.train.data import load_template
+
+    return load_template(spec), str(Path(spec).resolve())
 
 
 def _ingest(args) -> int:
@@ -249,14 +276,15 @@ def _ingest(args) -> int:
         return 1
     exists = (path / "manifest.json").exists()
     recorded = KnowledgeBase.info(path)["model"] if exists else {}
-    engine, model = _engine_for(args, recorded, path)
+    engine, model, template = _engine_for(args, recorded, path)
     documents = itertools.chain([first], documents)
     if exists:
         kb = KnowledgeBase.open(path, engine, args.embedder, on_mismatch=args.on_mismatch, strict=args.strict,
-                                model_name=model)
+                                model_name=model, template_name=template)
     else:
         kb = KnowledgeBase.create(path, engine, args.embedder, model_name=model, chunk_tokens=args.chunk_tokens,
-                                  chunk_overlap=args.chunk_overlap, index=args.index, fp8=args.fp8, strict=args.strict)
+                                  chunk_overlap=args.chunk_overlap, index=args.index, fp8=args.fp8, strict=args.strict,
+                                  template_name=template)
     with kb:
         report = kb.add_documents(documents, batch_tokens=args.batch_tokens,
                                   progress=not args.no_progress and sys.stderr.isatty())
@@ -317,8 +345,10 @@ def _open_for_answers(args):
 
     path = Path(args.kb)
     recorded = KnowledgeBase.info(path)["model"]
-    engine, model = _engine_for(args, recorded, path)
-    return KnowledgeBase.open(path, engine, on_mismatch=args.on_mismatch, strict=args.strict, model_name=model), model
+    engine, model, template = _engine_for(args, recorded, path)
+    kb = KnowledgeBase.open(path, engine, on_mismatch=args.on_mismatch, strict=args.strict, model_name=model,
+                            template_name=template)
+    return kb, model
 
 
 def _result(generation, hits, model: str, mode: str) -> dict[str, Any]:

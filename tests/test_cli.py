@@ -344,3 +344,24 @@ def test_chat_answers_each_line_with_the_model_loaded_once(kb_dir):
     assert len(usage) == 2 and all("0 encoded now" in line for line in usage)  # nothing after 'exit'
     assert proc.stdout.count("sources:") == 2
     assert "observatory.md" in proc.stdout.split(usage[0])[0]  # the first answer's sources are the first question's
+
+
+def test_a_json_template_is_accepted_and_recorded_so_later_runs_rebuild_it(tmp_path, capsys):
+    template = tmp_path / "block_template.json"
+    template.write_text(json.dumps({"name": "plain", "prefix": "Use the notes. {instruction}\n",
+                                    "passage": "Note ({title}): {text}\n", "final": "Q: {question}\nA:",
+                                    "instruction": "Be brief."}))
+    code, out, err = run_cli(capsys, "ingest", CORPUS / "duck.txt", "--kb", tmp_path / "kb", "--model", "tiny-random",
+                             "--template", template, "--no-progress", "--json")
+    assert code == 0, err
+    assert json.loads(out)["stats"]["model"]["template"] == str(template.resolve())
+    # a later run without --template rebuilds the same template: the blocks are the stored ones
+    code, out, err = run_cli(capsys, "ask", "What do ducks eat?", "--kb", tmp_path / "kb", "--k", "1",
+                             "--max-new-tokens", "2", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["usage"]["encoded_tokens"] == 0 and result["usage"]["cached_tokens"] > 0, err
+    code, _, err = run_cli(capsys, "ask", "Why?", "--kb", tmp_path / "kb", "--template", tmp_path / "missing.json")
+    assert code == 1 and "block_template.json file" in err
+    template.unlink()
+    code, _, err = run_cli(capsys, "ask", "Why?", "--kb", tmp_path / "kb")
+    assert code == 1 and "pass --template" in err

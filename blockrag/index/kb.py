@@ -81,8 +81,8 @@ class KnowledgeBase:
     @classmethod
     def create(cls, path: str | os.PathLike, engine: BlockEngine, embedder: Embedder | str | None = None, *,
                model_name: str | None = None, chunk_tokens: int = 256, chunk_overlap: int = 32,
-               index: str = "flat", fp8: bool = False, strict: bool = False, lock_timeout: float = 60.0
-               ) -> KnowledgeBase:
+               index: str = "flat", fp8: bool = False, strict: bool = False, lock_timeout: float = 60.0,
+               template_name: str | None = None) -> KnowledgeBase:
         """Make a new knowledge base in ``path`` (a new or empty directory).
 
         Args:
@@ -95,6 +95,8 @@ class KnowledgeBase:
             index: "flat" (exact) or "hnsw" (approximate, for large corpora).
             fp8: store KV as fp8 e4m3 with per-(layer, head) scales (lossy, smaller).
             strict: refuse damaged or wrong-model KV files instead of recomputing them.
+            template_name: how to rebuild the engine's template (recorded; default its name), e.g. the
+                path of its JSON file.
         """
         path = Path(path)
         if engine is None or not isinstance(engine, BlockEngine):
@@ -110,7 +112,7 @@ class KnowledgeBase:
         (path / layout.TMP_DIR).mkdir(parents=True, exist_ok=True)
         (path / layout.KV_DIR).mkdir(exist_ok=True)
         docstore = Docstore(path / layout.DOCSTORE)
-        registry.add(docstore, engine, model_name, default=True)
+        registry.add(docstore, engine, model_name, default=True, template=template_name)
         manifest = layout.new_manifest(embedder.id, embedder.dim, chunk_tokens, chunk_overlap, index, fp8,
                                        layout.model_record(docstore.meta()))
         manifest["models"] = layout.models_record(docstore.models())
@@ -122,7 +124,8 @@ class KnowledgeBase:
     @classmethod
     def open(cls, path: str | os.PathLike, engine: BlockEngine | None = None,
              embedder: Embedder | str | None = None, *, on_mismatch: str = "add", strict: bool = False,
-             model_name: str | None = None, lock_timeout: float = 60.0) -> KnowledgeBase:
+             model_name: str | None = None, lock_timeout: float = 60.0,
+             template_name: str | None = None) -> KnowledgeBase:
         """Open an existing knowledge base.
 
         Args:
@@ -134,6 +137,7 @@ class KnowledgeBase:
                 older name for this) or "refuse" (raise KVBlockMismatchError).
             strict: refuse damaged or wrong-model KV files (raise) instead of recomputing them.
             model_name: how to load ``engine``'s model again, recorded if the model is added.
+            template_name: how to rebuild its template, recorded if the model is added (default its name).
 
         Raises:
             NotAKnowledgeBaseError: no knowledge base at path.
@@ -154,7 +158,7 @@ class KnowledgeBase:
         docstore = Docstore(path / layout.DOCSTORE)
         kb = cls(path, manifest, docstore, embedder, strict=strict, lock_timeout=lock_timeout)
         if engine is not None:
-            kb._attach(engine, on_mismatch, model_name)
+            kb._attach(engine, on_mismatch, model_name, template_name)
         return kb
 
     @classmethod
@@ -173,7 +177,8 @@ class KnowledgeBase:
             docstore.close()
         return {"manifest": manifest, "model": layout.model_record(meta)}
 
-    def _attach(self, engine: BlockEngine, on_mismatch: str, model_name: str | None = None) -> None:
+    def _attach(self, engine: BlockEngine, on_mismatch: str, model_name: str | None = None,
+                template_name: str | None = None) -> None:
         """Use ``engine`` for this KB; a model the KB does not know yet is added (or refused)."""
         mid = registry.id_of(engine)
         known = self.docstore.models()
@@ -190,7 +195,7 @@ class KnowledgeBase:
         if mid not in {m["id"] for m in known} or self.docstore.passages_without(mid):
             with self._writing():  # NOTE: only then: a reader with a known model never waits for a writer
                 if mid not in {m["id"] for m in self.docstore.models()}:
-                    registry.add(self.docstore, engine, model_name)
+                    registry.add(self.docstore, engine, model_name, template=template_name)
                     self.manifest["models"] = layout.models_record(self.docstore.models())
                     layout.write_manifest(self.path, self.manifest)
                 registry.fill_keys(self.docstore, engine)

@@ -24,15 +24,17 @@ def id_of(engine: BlockEngine) -> str:
     return model_id(engine.fingerprint, engine.template.version)
 
 
-def describe(engine: BlockEngine, name: str | None) -> dict[str, str]:
+def describe(engine: BlockEngine, name: str | None, template: str | None = None) -> dict[str, str]:
+    """What is recorded of a model; ``template``: how to rebuild the template (e.g. its JSON file's path)."""
     return {"model": name or engine.model_name, "fingerprint": engine.fingerprint,
-            "template": engine.template.name, "template_version": engine.template.version,
+            "template": template or engine.template.name, "template_version": engine.template.version,
             "kv_dtype": str(engine.dtype).removeprefix("torch.")}
 
 
-def add(docstore: Docstore, engine: BlockEngine, name: str | None, *, default: bool = False) -> None:
+def add(docstore: Docstore, engine: BlockEngine, name: str | None, *, default: bool = False,
+        template: str | None = None) -> None:
     """Record ``engine``'s model (hold the writer lock); ``default`` also makes it the default model."""
-    record = describe(engine, name)
+    record = describe(engine, name, template)
     with docstore.transaction() as tx:
         tx.add_model(id_of(engine), record["fingerprint"], record["template_version"], record["template"],
                      record["model"], record["kv_dtype"])
