@@ -481,10 +481,26 @@ def _document_id(kb, given: str) -> str:
     return real if kb.docstore.document(real) is not None else given
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Like ``parser.parse_args``, but an unknown option is reported with the usage of the subcommand it was
+    given to (``blockrag ask --kk 3`` shows ask's usage, not the top-level one)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        where, namespace = parser, vars(args)
+        while True:
+            sub = next((a for a in where._actions if isinstance(a, argparse._SubParsersAction)), None)
+            chosen = namespace.get(sub.dest) if sub is not None else None
+            if chosen not in (sub.choices if sub is not None else {}):
+                break
+            where = sub.choices[chosen]
+        where.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, runners = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:

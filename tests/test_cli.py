@@ -365,3 +365,16 @@ def test_a_json_template_is_accepted_and_recorded_so_later_runs_rebuild_it(tmp_p
     template.unlink()
     code, _, err = run_cli(capsys, "ask", "Why?", "--kb", tmp_path / "kb")
     assert code == 1 and "pass --template" in err
+
+
+def test_an_unknown_option_shows_the_usage_of_its_subcommand(capsys):
+    for argv, usage, extra in ((["ask", "Why?", "--kb", "x", "--kk", "3"], "usage: blockrag ask ", "--kk 3"),
+                               (["kb", "stats", "--kb", "x", "--verbose-ish"], "usage: blockrag kb stats ",
+                                "--verbose-ish"),
+                               (["ingest", "a.txt", "--kb", "x", "--overlap", "9"], "usage: blockrag ingest ",
+                                "--overlap 9")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.startswith(usage), err
+        assert f"unrecognized arguments: {extra}" in err
