@@ -378,3 +378,15 @@ def test_an_unknown_option_shows_the_usage_of_its_subcommand(capsys):
         err = capsys.readouterr().err
         assert info.value.code == 2 and err.startswith(usage), err
         assert f"unrecognized arguments: {extra}" in err
+
+
+def test_make_bench_writes_to_a_scratch_folder_unless_asked(tmp_path):
+    root = os.path.dirname(os.path.dirname(cli.__file__))
+    dry = subprocess.run(["make", "-n", "bench"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    command = [line for line in dry.stdout.splitlines() if "ttft.py" in line and "echo" not in line]
+    assert command and command[0].endswith("--out /tmp/blockrag-bench"), dry.stdout
+    assert "takes minutes" in dry.stdout
+    asked = subprocess.run(["make", "-n", "bench", "BENCH_OUT=benchmarks/results"], cwd=root, capture_output=True,
+                           text=True, timeout=60)
+    assert any(line.endswith("--out benchmarks/results") for line in asked.stdout.splitlines())
