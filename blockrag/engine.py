@@ -47,6 +47,8 @@ class Usage:
         generated_tokens: tokens produced by decoding.
         ttft_s: seconds from the call to the first token's logits.
         decode_tokens_per_s: decoding speed after the first token (0 when fewer than two tokens).
+        recomputed_tokens: context tokens re-encoded with full attention (``recompute``); they are also
+            counted in ``cached_tokens`` (their cached KV was read, then overwritten) and in ``prefilled_tokens``.
     """
 
     cached_tokens: int
@@ -55,6 +57,7 @@ class Usage:
     ttft_s: float
     generated_tokens: int = 0
     decode_tokens_per_s: float = 0.0
+    recomputed_tokens: int = 0
 
     @property
     def prompt_tokens(self) -> int:
@@ -403,7 +406,7 @@ class BlockEngine:
     # --- prefill ---------------------------------------------------------------------------------
 
     def prefill(self, passages: Sequence[PassageLike], question: str, *, instruction: str | None = None,
-                mode: Mode = "block", reencode: bool = True) -> PrefillResult:
+                mode: Mode = "block", reencode: bool = True, recompute=None) -> PrefillResult:
         """Prefill a prompt and return the last token's logits.
 
         Args:
@@ -412,16 +415,20 @@ class BlockEngine:
             instruction: text for block 0 (the template's default if None).
             mode: "block" (cached context blocks, final block prefilled) or "full" (one causal prefill).
             reencode: block mode only; False keeps every block at its own positions 0..T-1 (ablation).
+            recompute: block mode only; context tokens to re-encode with full attention at question time
+                (training-free recovery, see ``blockrag.recompute``), e.g. "first:8", "deviation:0.15",
+                "query:0.1", "all" (== full mode), or a ``Recompute``. None: plain block mode.
         """
-        result, _, (_, _, _, release) = self._prefill(passages, question, instruction, mode, reencode, 0)
+        result, _, (_, _, _, release) = self._prefill(passages, question, instruction, mode, reencode, 0, recompute)
         release()
         return result
 
     @torch.inference_mode()
-    def _prefill(self, passages, question, instruction, mode, reencode, new_tokens: int):
+    def _prefill(self, passages, question, instruction, mode, reencode, new_tokens: int, recompute=None):
         """``passages`` may be an already built ``_Prompt`` (then question and instruction are unused)."""
         if mode not in ("block", "full"):
             raise InvalidInputError(f"expected mode 'block' or 'full', found {mode!r}")
+        recompute = self._recompute_spec(recompute, mode, reencode)
         start = time.perf_counter()
         prompt = passages if isinstance(passages, _Prompt) else self._prompt(passages, question, instruction)
         context_ids = [ids for ids, _, _ in prompt.context]
@@ -432,7 +439,7 @@ class BlockEngine:
             blocks, cached = self._context_blocks(prompt)
             infos = [BlockInfo(b.key, b.token_ids, c) for b, c in zip(blocks, cached)]
             feed = prompt.final_ids
-            graphed = self._graph_prefill(blocks, feed, reencode)
+            graphed = None if recompute is not None else self._graph_prefill(blocks, feed, reencode)
             if graphed is not None:
                 logits, cache, release = graphed
                 next_pos = sum(b.num_tokens for b in blocks)
@@ -448,7 +455,11 @@ class BlockEngine:
             cache, next_pos, feed, graphed = None, 0, input_ids, None
             cached_tokens = encoded_tokens = 0
         positions = torch.arange(next_pos, next_pos + len(feed), device=device)
-        if graphed is None:
+        recomputed = 0
+        if recompute is not None and blocks:
+            release = _nothing
+            logits, cache, recomputed = self._recompute(recompute, blocks, cache, feed, new_tokens, prompt.warnings)
+        elif graphed is None:
             release = _nothing
             with self._attention:
                 logits, cache = forward(self.model, torch.tensor([feed], device=device), position_ids=positions[None],
@@ -456,8 +467,9 @@ class BlockEngine:
             logits = logits[0, -1].float()
         try:
             _sync(device)
-            usage = Usage(cached_tokens=cached_tokens, encoded_tokens=encoded_tokens, prefilled_tokens=len(feed),
-                          ttft_s=time.perf_counter() - start)
+            usage = Usage(cached_tokens=cached_tokens, encoded_tokens=encoded_tokens,
+                          prefilled_tokens=len(feed) + recomputed, ttft_s=time.perf_counter() - start,
+                          recomputed_tokens=recomputed)
             if mode == "block" and not reencode:
                 context_positions = [p for ids in context_ids for p in range(len(ids))]
             else:
@@ -471,6 +483,33 @@ class BlockEngine:
             release()  # the graph buffer must not stay locked when the prefill fails after the replay
             raise
         return result, cache, (logits, next_pos + len(feed), start, release)
+
+    def _recompute_spec(self, recompute, mode: str, reencode: bool):
+        if recompute is None:
+            return None
+        from blockrag.recompute import Recompute
+
+        spec = Recompute.parse(recompute)
+        if mode != "block" or not reencode:
+            raise InvalidInputError(f"expected recompute only in block mode with position re-encoding, found "
+                                    f"mode={mode!r}, reencode={reencode}")
+        return spec
+
+    def _recompute(self, spec, blocks: list[KVBlock], cache, final_ids: list[int], new_tokens: int,
+                   warnings: list[str]):
+        """(logits, cache, recomputed tokens) of a block-mode prefill with selective recompute."""
+        from blockrag.recompute import recompute_prefill, select_positions
+
+        # NOTE: the fast paths assume a bottom-right causal final block; a recompute pass needs an explicit mask,
+        # so it runs with the model's own attention (sdpa or eager) and without CUDA-graph replay.
+        if self.graphs is not None or self.fast_attention:
+            warnings.append("selective recompute ran with the model's own attention, not the fast attention or "
+                            "CUDA graphs (they assume a bottom-right causal final block; recompute needs an explicit "
+                            "mask)")
+        context = [t for b in blocks for t in b.token_ids]
+        positions = select_positions(self.model, spec, [b.num_tokens for b in blocks], context, cache, final_ids)
+        logits, cache = recompute_prefill(self.model, cache, context, positions, final_ids, capacity=new_tokens)
+        return logits, cache, len(positions)
 
     def _graph_prefill(self, blocks: list[KVBlock], final_ids: list[int], reencode: bool):
         """(logits, cache, release) from a CUDA-graph replay, or None where the eager path applies.
@@ -505,18 +544,18 @@ class BlockEngine:
     def generate(self, passages: Sequence[PassageLike], question: str, *, instruction: str | None = None,
                  mode: Mode = "block", reencode: bool = True, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop: Sequence[str] = ()) -> Generation:
+                 stop: Sequence[str] = (), recompute=None) -> Generation:
         """Generate an answer (greedy when temperature == 0). See ``prefill`` for the prompt arguments."""
         holder: list[Generation] = []
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop))
-        for _ in self._run(passages, question, instruction, mode, reencode, params, holder):
+        for _ in self._run(passages, question, instruction, mode, reencode, params, holder, recompute):
             pass
         return holder[0]
 
     def stream(self, passages: Sequence[PassageLike], question: str, *, instruction: str | None = None,
                mode: Mode = "block", reencode: bool = True, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               stop: Sequence[str] = ()) -> GenerationStream:
+               stop: Sequence[str] = (), recompute=None) -> GenerationStream:
         """Like ``generate`` but yields text deltas as they become safe to show.
 
         The prompt is validated (and errors raised) before this returns; the model runs as the stream
@@ -525,12 +564,13 @@ class BlockEngine:
         holder: list[Generation] = []
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop))
         prompt = self._prompt(passages, question, instruction)  # fail early, before the first next()
-        return GenerationStream(self._run(prompt, None, None, mode, reencode, params, holder), holder)
+        self._recompute_spec(recompute, mode, reencode)
+        return GenerationStream(self._run(prompt, None, None, mode, reencode, params, holder, recompute), holder)
 
     def _run(self, passages, question, instruction, mode, reencode, params: SamplingParams,
-             holder: list[Generation]) -> Iterator[str]:
+             holder: list[Generation], recompute=None) -> Iterator[str]:
         prefill, cache, (logits, position, start, release) = self._prefill(passages, question, instruction, mode,
-                                                                           reencode, params.max_new_tokens)
+                                                                           reencode, params.max_new_tokens, recompute)
         try:
             yield from self._decode(prefill, cache, logits, position, start, params, holder)
         finally:
@@ -574,7 +614,7 @@ class BlockEngine:
         decode_s = time.perf_counter() - decode_start
         usage = Usage(
             cached_tokens=prefill.usage.cached_tokens, encoded_tokens=prefill.usage.encoded_tokens,
-            prefilled_tokens=prefill.usage.prefilled_tokens,
+            prefilled_tokens=prefill.usage.prefilled_tokens, recomputed_tokens=prefill.usage.recomputed_tokens,
             ttft_s=first_token_at - start,
             generated_tokens=len(token_ids),
             decode_tokens_per_s=(len(token_ids) - 1) / decode_s if len(token_ids) > 1 and decode_s > 0 else 0.0,

@@ -219,3 +219,47 @@ def test_parse_round_trips(spec, text):
 def test_bad_specs_are_refused(spec):
     with pytest.raises(InvalidInputError, match="expected"):
         Recompute.parse(spec)
+
+
+# --- the engine option ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi"])
+def test_engine_option_all_none_and_a_selection(arch, make_engine):
+    engine = make_engine(arch)
+    full = engine.prefill(PASSAGES, QUESTION, mode="full")
+    block = engine.prefill(PASSAGES, QUESTION)
+    everything = engine.prefill(PASSAGES, QUESTION, recompute="all")
+    torch.testing.assert_close(everything.logits, full.logits, atol=1e-4, rtol=0)
+    passage_tokens = sum(len(b.token_ids) for b in block.blocks[1:])
+    assert everything.usage.recomputed_tokens == passage_tokens
+    assert everything.usage.prefilled_tokens == passage_tokens + len(block.final_ids)
+    nothing = engine.prefill(PASSAGES, QUESTION, recompute="none")
+    torch.testing.assert_close(nothing.logits, block.logits, atol=1e-4, rtol=0)
+    assert nothing.usage.recomputed_tokens == 0
+    first = engine.prefill(PASSAGES, QUESTION, recompute="first:3")
+    block_ids = [list(b.token_ids) for b in block.blocks]
+    selected = [sum(len(b) for b in block_ids[:i]) + j for i in range(1, len(block_ids)) for j in range(3)]
+    torch.testing.assert_close(first.logits, reference_recompute(engine.model, block_ids, list(block.final_ids),
+                                                                 selected), atol=1e-4, rtol=0)
+    assert first.usage.recomputed_tokens == len(selected)
+
+
+def test_engine_generation_with_recompute_all_equals_full_mode(make_engine):
+    engine = make_engine("qwen3")
+    full = engine.generate(PASSAGES, QUESTION, mode="full", max_new_tokens=8)
+    recovered = engine.generate(PASSAGES, QUESTION, recompute="all", max_new_tokens=8)
+    assert recovered.token_ids == full.token_ids
+    assert recovered.usage.recomputed_tokens > 0
+    stream = engine.stream(PASSAGES, QUESTION, recompute="all", max_new_tokens=8)
+    assert "".join(stream) == full.text and stream.result.usage.recomputed_tokens == recovered.usage.recomputed_tokens
+
+
+def test_engine_refuses_recompute_outside_block_mode(make_engine):
+    engine = make_engine("llama")
+    with pytest.raises(InvalidInputError, match="block mode"):
+        engine.prefill(PASSAGES, QUESTION, mode="full", recompute="first:4")
+    with pytest.raises(InvalidInputError, match="re-encoding"):
+        engine.generate(PASSAGES, QUESTION, reencode=False, recompute="first:4")
+    with pytest.raises(InvalidInputError, match="expected a recompute selection"):
+        engine.stream(PASSAGES, QUESTION, recompute="most:4")
