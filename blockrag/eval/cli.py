@@ -22,6 +22,9 @@ Answer every question of a dataset in each mode and score it:
   block        passages' KV encoded once and cached; only the question (final block) is prefilled
   full         one ordinary prefill of the same prompt
   closed-book  the same prompt without passages
+  block-noreencode  block mode without position re-encoding (each block at positions 0..T-1; ablation)
+  recompute    block mode plus training-free recovery: the context tokens chosen by --recompute are
+               re-encoded with full attention at question time (first:K, deviation:R[@L], query:R[@L], all)
 Writes OUT/results.jsonl (one line per question and mode, appended as it goes: re-running the same command
 resumes an interrupted run), OUT/summary.json, OUT/table.md and OUT/chart.png, and prints the table.
 
@@ -82,7 +85,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     run_group = p.add_argument_group("evaluation")
     run_group.add_argument("--modes", default="block,full", metavar="LIST",
-                           help="comma-separated modes from block, full, closed-book (default: block,full)")
+                           help="comma-separated modes from block, full, closed-book, block-noreencode, recompute "
+                                "(default: block,full)")
+    run_group.add_argument("--recompute", default=None, metavar="SEL",
+                           help="context tokens the recompute mode re-encodes at question time: 'first:K' (first K "
+                                "tokens of each passage), 'deviation:R[@L]' (fraction R with the largest KV "
+                                "deviation at layer L, CacheBlend), 'query:R[@L]' (fraction R the question attends "
+                                "to most), 'all', or a union joined by '+'")
+    run_group.add_argument("--kv", choices=("native", "fp8"), default="native",
+                           help="KV of the block modes' context blocks: native (the model dtype, default) or fp8 "
+                                "(e4m3 with per-layer-head scales, as an fp8 store keeps them)")
     run_group.add_argument("--k", type=int, default=None, metavar="K",
                            help=f"passages per question, best first (default {DEFAULT_K}; every passage of the "
                                 "example for --data synthetic; the paper's Table 1 uses 10)")
@@ -185,8 +197,11 @@ def run(args) -> int:
     stop = tuple(args.stop) if args.stop is not None else ((";",) if synthetic else ())
     k = args.k if args.k is not None else (
         max(len(e.passages) for e in dataset.examples) if synthetic else DEFAULT_K)
+    if args.recompute is not None and "recompute" not in modes:
+        raise InvalidInputError(f"expected --modes to include recompute when --recompute is given, found "
+                                f"{args.modes!r}")
     settings = EvalSettings(modes=modes, k=k, max_new_tokens=args.max_new_tokens, stop=stop,
-                            instruction=args.instruction, ttft=args.ttft)
+                            instruction=args.instruction, ttft=args.ttft, recompute=args.recompute, kv=args.kv)
     _report_problems(dataset)
     template = _template(args.template, model, kb_model.get("template"))
     engine = load_engine(model, template=template, device=args.device, dtype=args.dtype,

@@ -52,6 +52,7 @@ def summarize_mode(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "prefilled_tokens_mean": _mean([r["prefilled_tokens"] for r in scored]),
         "encoded_tokens_total": sum(r["encoded_tokens"] for r in scored),
         "generated_tokens_mean": _mean([r["generated_tokens"] for r in scored]),
+        "recomputed_tokens_mean": _mean([r.get("recomputed_tokens", 0) for r in scored]),
         "answer_in_passages": 100.0 * _mean(recall) if recall else None,
     }
 
@@ -104,7 +105,7 @@ def _fmt(value: Any, digits: int = 1) -> str:
 def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
     """One row per mode: quality, TTFT and token accounting."""
     header = ("| mode | n | accuracy | EM | F1 | TTFT mean ms | p50 ms | p95 ms | context tok/q | cached tok/q "
-              "| prefilled tok/q | encoded tok (run) | answer in passages |")
+              "| prefilled tok/q | recomputed tok/q | encoded tok (run) | answer in passages |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for mode, s in summary.items():
         errors = f" ({s['errors']} too long)" if s["errors"] else ""
@@ -112,7 +113,8 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
             f"| {mode} | {s['n']}{errors} | {_fmt(s['accuracy'])} | {_fmt(s['em'])} | {_fmt(s['f1'])} "
             f"| {_fmt(s['ttft_ms_mean'])} | {_fmt(s['ttft_ms_p50'])} | {_fmt(s['ttft_ms_p95'])} "
             f"| {_fmt(s['context_tokens_mean'], 0)} | {_fmt(s['cached_tokens_mean'], 0)} "
-            f"| {_fmt(s['prefilled_tokens_mean'], 0)} | {s['encoded_tokens_total']} "
+            f"| {_fmt(s['prefilled_tokens_mean'], 0)} | {_fmt(s['recomputed_tokens_mean'], 0)} "
+            f"| {s['encoded_tokens_total']} "
             f"| {_fmt(s['answer_in_passages'])} |")
     return "\n".join(lines)
 

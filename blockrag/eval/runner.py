@@ -4,6 +4,13 @@ Modes:
 * ``block``: passages' KV from the engine's store (encoded once, on first sight), only the final block prefilled.
 * ``full``: one ordinary causal prefill over the same token ids.
 * ``closed-book``: the same prompt without passages (full prefill): what the model knows on its own.
+* ``block-noreencode``: block mode without position re-encoding (every block at positions 0..T-1; the paper's
+  ablation).
+* ``recompute``: block mode with training-free recovery: the context tokens chosen by ``settings.recompute``
+  (e.g. "first:8", "deviation:0.15", "query:0.1"; see ``blockrag.recompute``) re-encoded at question time.
+
+``settings.kv = "fp8"`` keeps the context blocks of the block modes in the store as fp8 (e4m3, per layer and head
+scales), dequantised when assembled: the accuracy cost of an fp8 knowledge base.
 
 TTFT in block mode is measured with the passages' KV already cached (``ttft="warm"``, the paper's Table 3
 setting and what a knowledge base gives at question time): blocks not yet in the store are encoded first by an
@@ -31,10 +38,13 @@ from blockrag.eval.datasets import Dataset, EvalExample
 from blockrag.eval.metrics import accuracy, score
 from blockrag.template import Passage
 
-MODES = ("block", "full", "closed-book")
+MODES = ("block", "full", "closed-book", "block-noreencode", "recompute")
+KV_FORMATS = ("native", "fp8")
+BLOCK_MODES = ("block", "block-noreencode", "recompute")
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
-_ENGINE_MODE = {"block": "block", "full": "full", "closed-book": "full"}
+_ENGINE_MODE = {"block": "block", "full": "full", "closed-book": "full", "block-noreencode": "block",
+                "recompute": "block"}
 # Run facts that must match for a resumed run to extend earlier results (modes and limit may change). Data and
 # model are compared by content (digest, fingerprint), not by how their paths or names were spelled.
 _RESUME_FACTS = {"data": ("format", "digest"), "model": ("fingerprint", "template_version", "dtype"),
@@ -56,6 +66,8 @@ class EvalSettings:
         stop: stop strings (not part of the answer).
         instruction: text of block 0 (None: the template's default).
         ttft: "warm" (block-mode KV encoded before the timed request) or "cold" (encoding inside it).
+        recompute: the selection of the ``recompute`` mode (required when it runs).
+        kv: "native" (blocks in the model's dtype) or "fp8" (blocks stored as fp8; warm TTFT only).
     """
 
     modes: tuple[str, ...] = ("block", "full")
@@ -64,6 +76,8 @@ class EvalSettings:
     stop: tuple[str, ...] = ()
     instruction: str | None = None
     ttft: str = "warm"
+    recompute: str | None = None
+    kv: str = "native"
 
     def __post_init__(self) -> None:
         from blockrag.errors import InvalidInputError
@@ -77,11 +91,28 @@ class EvalSettings:
             raise InvalidInputError(f"expected max_new_tokens >= 1, found {self.max_new_tokens!r}")
         if self.ttft not in ("warm", "cold"):
             raise InvalidInputError(f"expected ttft 'warm' or 'cold', found {self.ttft!r}")
+        if "recompute" in self.modes and self.recompute is None:
+            raise InvalidInputError("expected a recompute selection (e.g. 'first:8', 'deviation:0.15') for the "
+                                    "recompute mode, found none")
+        if self.recompute is not None:
+            from blockrag.recompute import Recompute
+
+            object.__setattr__(self, "recompute", str(Recompute.parse(self.recompute)))
+        if self.kv not in KV_FORMATS:
+            raise InvalidInputError(f"expected kv in {KV_FORMATS}, found {self.kv!r}")
+        if self.kv == "fp8" and self.ttft != "warm":
+            raise InvalidInputError("expected ttft 'warm' with kv 'fp8' (blocks are quantized as a store would hold "
+                                    "them, before the timed request), found 'cold'")
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share (modes excluded: they may be added later)."""
-        return {"k": self.k, "max_new_tokens": self.max_new_tokens, "stop": list(self.stop),
-                "instruction": self.instruction, "ttft": self.ttft}
+        facts = {"k": self.k, "max_new_tokens": self.max_new_tokens, "stop": list(self.stop),
+                 "instruction": self.instruction, "ttft": self.ttft}
+        if self.recompute is not None:
+            facts["recompute"] = self.recompute
+        if self.kv != "native":
+            facts["kv"] = self.kv
+        return facts
 
 
 class ResultsLog:
@@ -163,12 +194,27 @@ def _check_resume(saved: dict[str, Any], current: dict[str, Any], out_dir: Path)
                 f"there and {now} now; pass another --out directory, or --overwrite to discard the earlier results")
 
 
-def _context_cached(engine, passages: Sequence[Passage], instruction: str | None) -> bool:
-    """Whether the store already holds every context block of this prompt (so no encoding would happen)."""
+def _context_keys(engine, passages: Sequence[Passage], instruction: str | None) -> list[str]:
     keys = [engine.key_of(engine.block_ids(p)) for p in passages if p.text.strip()]
     if engine.template.render_prefix(instruction):
         keys.append(engine.key_of(engine.prefix_ids(instruction)))
-    return all(key in engine.store for key in keys)
+    return keys
+
+
+def _context_cached(engine, passages: Sequence[Passage], instruction: str | None, fp8: bool = False) -> bool:
+    """Whether the store already holds every context block of this prompt (so no encoding would happen)."""
+    keys = _context_keys(engine, passages, instruction)
+    if not fp8:
+        return all(key in engine.store for key in keys)
+    return all(block is not None and block.quantized for block in engine.store.get_many(keys))
+
+
+def _quantize_stored(engine, passages: Sequence[Passage], instruction: str | None) -> None:
+    """Replace this prompt's context blocks in the store by their fp8 versions (as an fp8 store holds them)."""
+    keys = _context_keys(engine, passages, instruction)
+    for block in engine.store.get_many(keys):
+        if block is not None and not block.quantized:
+            engine.store.put(block.quantize())
 
 
 def evaluate_example(engine, example: EvalExample, mode: str, settings: EvalSettings, *, kb=None) -> dict[str, Any]:
@@ -190,13 +236,21 @@ def evaluate_example(engine, example: EvalExample, mode: str, settings: EvalSett
         bool(accuracy(" \n".join(p.text for p in passages), example.answers)) if mode != "closed-book" else None)
     options = dict(instruction=settings.instruction, mode=_ENGINE_MODE[mode], max_new_tokens=settings.max_new_tokens,
                    stop=settings.stop)
+    if mode == "block-noreencode":
+        options["reencode"] = False
+    elif mode == "recompute":
+        options["recompute"] = settings.recompute
+    fp8 = settings.kv == "fp8" and mode in BLOCK_MODES
     encoded = 0
     try:
-        if mode == "block" and settings.ttft == "warm" and not _context_cached(engine, passages, settings.instruction):
+        if mode in BLOCK_MODES and settings.ttft == "warm" and not _context_cached(engine, passages,
+                                                                                   settings.instruction, fp8):
             # NOTE: the ingest step: encode and store the missing blocks, untimed; the request below then finds
             # all context KV cached, as it would with a knowledge base.
             warm = engine.prefill(passages, example.question, instruction=settings.instruction, mode="block")
             encoded = warm.usage.encoded_tokens
+            if fp8:
+                _quantize_stored(engine, passages, settings.instruction)
         generation = engine.generate(passages, example.question, **options)
     except PromptTooLongError as e:
         record.update(error=str(e), prediction=None)
@@ -212,6 +266,7 @@ def evaluate_example(engine, example: EvalExample, mode: str, settings: EvalSett
         prefilled_tokens=usage.prefilled_tokens,
         encoded_tokens=encoded + usage.encoded_tokens,
         generated_tokens=usage.generated_tokens,
+        recomputed_tokens=getattr(usage, "recomputed_tokens", 0),
     )
     return record
 
