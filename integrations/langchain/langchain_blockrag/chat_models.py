@@ -45,7 +45,7 @@ from blockrag.aio import iterate_in_thread
 from blockrag.errors import InvalidInputError
 from langchain_blockrag._runtime import BLOCK_KEY
 
-_CALL_KWARGS = frozenset({"model", "mode", "max_tokens", "temperature", "top_p", "top_k", "seed"})
+_CALL_KWARGS = frozenset({"model", "mode", "max_tokens", "temperature", "top_p", "top_k", "seed", "recompute"})
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,9 @@ class ChatBlockRAG(BaseChatModel):
     """Torch dtype name when loading `model` (default: bfloat16 on CUDA, float32 on CPU)."""
     mode: Literal["block", "full"] = "block"
     """"block": cached passage blocks, only the final block prefilled; "full": one ordinary prefill."""
+    recompute: str | None = None
+    """Block mode: context tokens to re-encode with full attention at question time (training-free recovery for
+    models never block fine-tuned), e.g. "first:8" or "query:0.1"; see `blockrag.recompute`. None: plain block."""
     max_tokens: int = 256
     """Most tokens to generate."""
     temperature: float = 0.0
@@ -237,8 +240,10 @@ class ChatBlockRAG(BaseChatModel):
         if unknown:
             raise InvalidInputError(f"expected call arguments among {sorted(_CALL_KWARGS)}, found {unknown}")
         engine = self._resolve_engine(kwargs.get("model"))
+        mode = kwargs.get("mode", self.mode)
         options = dict(
-            mode=kwargs.get("mode", self.mode),
+            mode=mode,
+            recompute=kwargs.get("recompute", self.recompute) if mode == "block" else None,
             max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
             temperature=kwargs.get("temperature", self.temperature),
             top_p=kwargs.get("top_p", self.top_p),
@@ -256,6 +261,7 @@ class ChatBlockRAG(BaseChatModel):
             "mode": mode,
             "ttft_s": generation.usage.ttft_s,
             "decode_tokens_per_s": generation.usage.decode_tokens_per_s,
+            "recomputed_tokens": generation.usage.recomputed_tokens,
         }
         if generation.warnings:
             info["warnings"] = list(generation.warnings)

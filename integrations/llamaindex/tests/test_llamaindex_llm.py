@@ -165,3 +165,12 @@ def test_refuses_bad_input(llm):
         llm.chat([ChatMessage(role=MessageRole.SYSTEM, content="only a system prompt")])
     with pytest.raises(InvalidInputError):
         llm.complete("   ")
+
+
+def test_recompute_field_and_kwarg_recover_full_mode_answers():
+    engine = tiny_engine()
+    full = BlockRAGLLM(engine=engine, max_new_tokens=8, mode="full").complete("When?", passages=PASSAGES)
+    recovered = BlockRAGLLM(engine=engine, max_new_tokens=8, recompute="all").complete("When?", passages=PASSAGES)
+    assert recovered.text == full.text and recovered.raw["usage"]["recomputed_tokens"] > 0
+    plain = BlockRAGLLM(engine=engine, max_new_tokens=8).complete("When?", passages=PASSAGES, recompute="first:2")
+    assert plain.raw["usage"]["recomputed_tokens"] == 2 * len(PASSAGES)

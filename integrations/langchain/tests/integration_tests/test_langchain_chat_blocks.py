@@ -127,3 +127,14 @@ def test_refuses_what_it_cannot_read():
         chat.invoke("Hello", max_new_tokens=5)
     with pytest.raises(InvalidInputError, match="neither"):
         ChatBlockRAG()
+
+
+def test_recompute_field_and_call_argument(engine):
+    messages = rag_messages("When did the line reopen?", DOCS)
+    full = ChatBlockRAG(engine=engine, max_tokens=6, mode="full").invoke(messages)
+    recovered = ChatBlockRAG(engine=engine, max_tokens=6, recompute="all").invoke(messages)
+    assert recovered.text == full.text and recovered.response_metadata["recomputed_tokens"] > 0
+    per_call = ChatBlockRAG(engine=engine, max_tokens=6).invoke(messages, recompute="first:2")
+    assert per_call.response_metadata["recomputed_tokens"] == 2 * len(DOCS)
+    # a full-mode call ignores the model's recompute setting instead of failing
+    assert ChatBlockRAG(engine=engine, max_tokens=6, recompute="first:2").invoke(messages, mode="full").text == full.text

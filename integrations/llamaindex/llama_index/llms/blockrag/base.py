@@ -39,7 +39,7 @@ from blockrag.aio import iterate_in_thread
 from blockrag.errors import InvalidInputError
 
 _CALL_KWARGS = frozenset({"passages", "block_keys", "instruction", "mode", "max_new_tokens", "temperature",
-                          "top_p", "top_k", "seed", "stop"})
+                          "top_p", "top_k", "seed", "stop", "recompute"})
 _ROLES = {MessageRole.USER: "User", MessageRole.ASSISTANT: "Assistant", MessageRole.TOOL: "Tool"}
 
 
@@ -67,6 +67,9 @@ class BlockRAGLLM(CustomLLM):
     device: str | None = Field(default=None, description="Device when loading (default CUDA if available).")
     dtype: str | None = Field(default=None, description="Torch dtype name when loading (default bf16 on CUDA).")
     mode: Literal["block", "full"] = Field(default="block", description="'block' (cached passages) or 'full'.")
+    recompute: str | None = Field(default=None, description=(
+        "Block mode: context tokens re-encoded with full attention at question time (training-free recovery), "
+        "e.g. 'first:8' or 'query:0.1'; see blockrag.recompute. None: plain block mode."))
     max_new_tokens: int = Field(default=256, gt=0, description="Most tokens to generate.")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
@@ -109,8 +112,10 @@ class BlockRAGLLM(CustomLLM):
         unknown = sorted(set(kwargs) - _CALL_KWARGS)
         if unknown:
             raise InvalidInputError(f"expected keyword arguments among {sorted(_CALL_KWARGS)}, found {unknown}")
+        mode = kwargs.get("mode", self.mode)
         return dict(
-            mode=kwargs.get("mode", self.mode),
+            mode=mode,
+            recompute=kwargs.get("recompute", self.recompute) if mode == "block" else None,
             max_new_tokens=kwargs.get("max_new_tokens", self.max_new_tokens),
             temperature=kwargs.get("temperature", self.temperature),
             top_p=kwargs.get("top_p", self.top_p),
