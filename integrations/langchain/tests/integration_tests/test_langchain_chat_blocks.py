@@ -137,4 +137,5 @@ def test_recompute_field_and_call_argument(engine):
     per_call = ChatBlockRAG(engine=engine, max_tokens=6).invoke(messages, recompute="first:2")
     assert per_call.response_metadata["recomputed_tokens"] == 2 * len(DOCS)
     # a full-mode call ignores the model's recompute setting instead of failing
-    assert ChatBlockRAG(engine=engine, max_tokens=6, recompute="first:2").invoke(messages, mode="full").text == full.text
+    chat = ChatBlockRAG(engine=engine, max_tokens=6, recompute="first:2")
+    assert chat.invoke(messages, mode="full").text == full.text
