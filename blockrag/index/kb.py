@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from blockrag.engine import BlockEngine, GenerationStream
-from blockrag.errors import InvalidInputError, KVBlockMismatchError
+from blockrag.errors import InvalidInputError
 from blockrag.index import layout, maintenance, registry
 from blockrag.index.docstore import Docstore
 from blockrag.index.documents import Document, load_paths
@@ -27,7 +27,6 @@ from blockrag.index.ingest import Ingester, IngestReport
 from blockrag.index.lock import WriterLock
 from blockrag.index.mirror import IndexMirror
 from blockrag.index.results import Answer, SearchHit
-from blockrag.index.vectors import KINDS
 from blockrag.kv import KVBlock
 from blockrag.store.disk import DiskKVStore
 from blockrag.template import Passage
@@ -102,15 +101,9 @@ class KnowledgeBase:
         if engine is None or not isinstance(engine, BlockEngine):
             raise InvalidInputError(f"expected a BlockEngine to create a knowledge base, found {type(engine).__name__}")
         layout.check_new_directory(path)
-        if not isinstance(chunk_tokens, int) or chunk_tokens < 8:
-            raise InvalidInputError(f"expected chunk_tokens >= 8, found {chunk_tokens!r}")
-        if not isinstance(chunk_overlap, int) or not 0 <= chunk_overlap <= chunk_tokens // 2:
-            raise InvalidInputError(f"expected 0 <= chunk_overlap <= chunk_tokens // 2, found {chunk_overlap!r}")
-        if index not in KINDS:
-            raise InvalidInputError(f"expected index kind in {KINDS}, found {index!r}")
+        layout.check_settings(chunk_tokens, chunk_overlap, index)
         embedder = embedder if isinstance(embedder, Embedder) else Embedder(embedder)
-        (path / layout.TMP_DIR).mkdir(parents=True, exist_ok=True)
-        (path / layout.KV_DIR).mkdir(exist_ok=True)
+        layout.make_directories(path)
         docstore = Docstore(path / layout.DOCSTORE)
         registry.add(docstore, engine, model_name, default=True, template=template_name)
         manifest = layout.new_manifest(embedder.id, embedder.dim, chunk_tokens, chunk_overlap, index, fp8,
@@ -180,22 +173,9 @@ class KnowledgeBase:
     def _attach(self, engine: BlockEngine, on_mismatch: str, model_name: str | None = None,
                 template_name: str | None = None) -> None:
         """Use ``engine`` for this KB; a model the KB does not know yet is added (or refused)."""
-        mid = registry.id_of(engine)
-        known = self.docstore.models()
-        if mid not in {m["id"] for m in known}:
-            names = ", ".join(f"{m['name']!r} ({m['fingerprint'][:12]}, template {m['template']!r})" for m in known)
-            what = (f"knowledge base at {self.path} holds KV for {names}; the engine's model {engine.model_name!r} "
-                    f"({engine.fingerprint[:12]}, template {engine.template.name!r}) is not one of them")
-            if on_mismatch == "refuse":
-                raise KVBlockMismatchError(
-                    f"{what}; refusing to open (on_mismatch='refuse'). Open with on_mismatch='add' (CLI: "
-                    "--on-mismatch add) to add this model (the KV of the others is kept), or use a known model")
-            logger.warning("%s; adding it: its blocks are encoded when first needed, the other models' KV is kept",
-                           what)
-        if mid not in {m["id"] for m in known} or self.docstore.passages_without(mid):
+        if registry.needs_writing(self.docstore, engine, on_mismatch, self.path):
             with self._writing():  # NOTE: only then: a reader with a known model never waits for a writer
-                if mid not in {m["id"] for m in self.docstore.models()}:
-                    registry.add(self.docstore, engine, model_name, template=template_name)
+                if registry.add_if_new(self.docstore, engine, model_name, template_name):
                     self.manifest["models"] = layout.models_record(self.docstore.models())
                     layout.write_manifest(self.path, self.manifest)
                 registry.fill_keys(self.docstore, engine)
@@ -391,25 +371,10 @@ class KnowledgeBase:
         return {"blocks_deleted": removed, "temp_files_deleted": temps}
 
     def stats(self) -> dict[str, Any]:
-        """JSON-safe summary: counts, sizes, model, embedder, chunking, index and KV settings."""
-        meta = self.docstore.meta()
-        models = maintenance.models_report(self.docstore, self.kv)
-        return {
-            "path": str(self.path),
-            "format_version": self.manifest["format_version"],
-            **maintenance.stats(self.docstore, self.kv),
-            "kv_fp8": self.manifest["kv"]["fp8"],
-            "kv_dtype": meta.get("kv_dtype"),
-            "vectors": len(self._index),
-            "index": self.manifest["index"]["kind"],
-            "embedder": dict(self.manifest["embedder"]),
-            "chunking": dict(self.manifest["chunking"]),
-            "model": layout.model_record(meta),
-            "kv_bytes_per_token": models[0]["kv_bytes_per_token"] if models else None,
-            "kv_bytes_per_passage": models[0]["kv_bytes_per_passage"] if models else None,
-            "models": models,
-            "kv_discarded": dict(self.kv.discarded),
-        }
+        """JSON-safe summary: counts, sizes (also per token and per passage, per model), models, embedder,
+        chunking, index and KV settings."""
+        return {"path": str(self.path), **maintenance.stats(self.docstore, self.kv, self.manifest),
+                "vectors": len(self._index)}
 
     def close(self) -> None:
         """Release files and detach the KB's store from the engine. Idempotent."""

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from blockrag.errors import InvalidInputError
 from blockrag.index.errors import KnowledgeBaseError, NotAKnowledgeBaseError
 from blockrag.store.atomic import TEMP_PREFIX, atomic_write, pid_alive, temp_owner_pid
 
@@ -78,6 +79,23 @@ def check_new_directory(path: Path) -> None:
     if foreign:
         raise KnowledgeBaseError(f"expected an empty or new directory for a new knowledge base, found "
                                  f"{len(foreign)} other entries in {path} (e.g. {foreign[0]!r})")
+
+
+def check_settings(chunk_tokens, chunk_overlap, index) -> None:
+    """Refuse chunking and index settings a knowledge base cannot be created with."""
+    from blockrag.index.vectors import KINDS
+
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 8:
+        raise InvalidInputError(f"expected chunk_tokens >= 8, found {chunk_tokens!r}")
+    if not isinstance(chunk_overlap, int) or not 0 <= chunk_overlap <= chunk_tokens // 2:
+        raise InvalidInputError(f"expected 0 <= chunk_overlap <= chunk_tokens // 2, found {chunk_overlap!r}")
+    if index not in KINDS:
+        raise InvalidInputError(f"expected index kind in {KINDS}, found {index!r}")
+
+
+def make_directories(path: Path) -> None:
+    (path / TMP_DIR).mkdir(parents=True, exist_ok=True)
+    (path / KV_DIR).mkdir(exist_ok=True)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -102,16 +102,29 @@ def gc(docstore: Docstore, kv: DiskKVStore) -> int:
     return sum(bool(kv.delete(key)) for key in BlockCensus.of(docstore, kv).orphans)
 
 
-def stats(docstore: Docstore, kv: DiskKVStore) -> dict[str, Any]:
-    """Counts and sizes from the docstore and the KV directory (the facade adds settings)."""
+def stats(docstore: Docstore, kv: DiskKVStore, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Counts and sizes from the docstore and the KV directory, with the manifest's settings."""
     usage = kv.usage()
     census = BlockCensus.of(docstore, kv)
+    meta = docstore.meta()
+    models = models_report(docstore, kv)
     return {
+        "format_version": manifest["format_version"],
         **docstore.counts(),
         "kv_blocks": usage["blocks"],
         "kv_bytes": usage["bytes"],
         "blocks_missing": len(census.missing),
         "orphan_blocks": len(census.orphans),
+        "kv_fp8": manifest["kv"]["fp8"],
+        "kv_dtype": meta.get("kv_dtype"),
+        "index": manifest["index"]["kind"],
+        "embedder": dict(manifest["embedder"]),
+        "chunking": dict(manifest["chunking"]),
+        "model": layout.model_record(meta),
+        "kv_bytes_per_token": models[0]["kv_bytes_per_token"] if models else None,
+        "kv_bytes_per_passage": models[0]["kv_bytes_per_passage"] if models else None,
+        "models": models,
+        "kv_discarded": dict(kv.discarded),
     }
 
 

@@ -11,13 +11,16 @@ describe the default model (the manifest mirrors them).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from blockrag.engine import BlockEngine
-from blockrag.errors import InvalidInputError
+from blockrag.errors import InvalidInputError, KVBlockMismatchError
 from blockrag.index.docstore import Docstore, model_id
 from blockrag.index.errors import KnowledgeBaseError
 from blockrag.template import Passage
+
+logger = logging.getLogger("blockrag.index")
 
 
 def id_of(engine: BlockEngine) -> str:
@@ -44,6 +47,36 @@ def add(docstore: Docstore, engine: BlockEngine, name: str | None, *, default: b
             for key, value in record.items():
                 tx.set_meta(key, value)
         tx.bump_version()
+
+
+def needs_writing(docstore: Docstore, engine: BlockEngine, on_mismatch: str, where) -> bool:
+    """Whether attaching ``engine`` must write (a new model, or passages without its keys); refuses or
+    warns about a model the knowledge base does not know.
+
+    Raises:
+        KVBlockMismatchError: a new model and on_mismatch="refuse".
+    """
+    mid = id_of(engine)
+    known = docstore.models()
+    if mid in {m["id"] for m in known}:
+        return bool(docstore.passages_without(mid))
+    names = ", ".join(f"{m['name']!r} ({m['fingerprint'][:12]}, template {m['template']!r})" for m in known)
+    what = (f"knowledge base at {where} holds KV for {names}; the engine's model {engine.model_name!r} "
+            f"({engine.fingerprint[:12]}, template {engine.template.name!r}) is not one of them")
+    if on_mismatch == "refuse":
+        raise KVBlockMismatchError(
+            f"{what}; refusing to open (on_mismatch='refuse'). Open with on_mismatch='add' (CLI: --on-mismatch "
+            "add) to add this model (the KV of the others is kept), or use a known model")
+    logger.warning("%s; adding it: its blocks are encoded when first needed, the other models' KV is kept", what)
+    return True
+
+
+def add_if_new(docstore: Docstore, engine: BlockEngine, name: str | None, template: str | None) -> bool:
+    """Record ``engine``'s model unless known (hold the writer lock); True if it was added."""
+    if id_of(engine) in {m["id"] for m in docstore.models()}:
+        return False
+    add(docstore, engine, name, template=template)
+    return True
 
 
 def fill_keys(docstore: Docstore, engine: BlockEngine) -> int:
