@@ -29,6 +29,7 @@ import argparse
 import copy
 import json
 import lzma
+import os
 import platform
 import subprocess
 import sys
@@ -68,7 +69,7 @@ PRESETS = {
                   lora_lr=1e-3, full_lr=1e-4, min_steps=2, max_steps=2, steps_budget_s=1.0, max_length=768,
                   max_new_tokens=8, eval_batch=8, bf16=False),
     "cpu": dict(sources=("disflqa", "boolq"), k=2, per_source=40, n_eval=6, batch_size=2, lora_r=8, lora_alpha=16,
-                lora_lr=1e-3, steps=14, max_length=768, nll_modes=("full", "block"), bf16=False),
+                lora_lr=1e-3, steps=6, max_length=768, nll_modes=("full", "block"), bf16=False),
 }
 
 
@@ -77,6 +78,8 @@ def log(message: str) -> None:
 
 
 def git_commit() -> str:
+    if os.environ.get("BLOCKRAG_COMMIT"):  # a copy of the tree without .git (the device machine)
+        return os.environ["BLOCKRAG_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -359,7 +362,13 @@ def run_cpu(args, preset: dict, out: Path, report: dict) -> None:
         log(f"{label}: held-out answer NLL {nll} ({time.perf_counter() - start:.0f} s)")
         return {"answer_nll": nll}
 
-    report["results"] = {"base": measure(base, "base")}
+    if args.base_nll:
+        # NOTE: the base model's NLL on the same held-out samples, measured by an earlier launch of this preset
+        # (deterministic on the same data and model); recorded as reused.
+        report["results"] = {"base": {"answer_nll": json.loads(args.base_nll), "reused": True}}
+        log(f"base: held-out answer NLL {args.base_nll} (reused)")
+    else:
+        report["results"] = {"base": measure(base, "base")}
     del base
     out_dir = work / "cli_out"
     command = [sys.executable, "-m", "blockrag.train.cli", "finetune", "--model", args.model, "--data",
@@ -367,7 +376,8 @@ def run_cpu(args, preset: dict, out: Path, report: dict) -> None:
                str(preset["lora_r"]), "--lora-alpha", str(preset["lora_alpha"]), "--lr", str(preset["lora_lr"]),
                "--max-steps", str(preset["steps"]), "--batch-size", str(preset["batch_size"]), "--warmup-ratio", "0",
                "--schedule", "constant", "--log-every", "1", "--max-length", str(preset["max_length"]),
-               "--seed", "0", "--device", "cpu", "--no-progress"]
+               "--seed", "0", "--device", "cpu", "--no-progress", "--ratio", args.ratio]
+    report["ratio"] = args.ratio
     report["command"] = " ".join(["blockrag"] + command[3:])
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
@@ -378,7 +388,7 @@ def run_cpu(args, preset: dict, out: Path, report: dict) -> None:
     report["train_log"] = logs
     report["adapter"] = export_adapter(out_dir / "adapter", out)
     tuned = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32, attn_implementation="sdpa")
-    report["results"]["lora"] = measure(tuned.eval(), "lora")
+    report["results"]["lora" if args.ratio == "1:1" else f"lora_{args.ratio}"] = measure(tuned.eval(), "lora")
 
 
 # --- report ----------------------------------------------------------------------------------------------------
@@ -453,6 +463,10 @@ def main(argv=None) -> int:
     r.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
     r.add_argument("--work", default="/tmp/finetune_real", help="scratch folder for training runs")
     r.add_argument("--device", default=None)
+    r.add_argument("--base-nll", default=None, help="cpu preset: the base model's held-out NLL per mode (JSON) "
+                                                    "from an earlier launch, instead of measuring it again")
+    r.add_argument("--ratio", default="1:1", help="cpu preset: block:full copies (0:1 = the full-copies-only "
+                                                 "control; default 1:1)")
     r.add_argument("--time-limit-s", type=float, default=480.0,
                    help="skip the runs that would not finish within this many seconds of the start")
     args = parser.parse_args(argv)
