@@ -222,6 +222,27 @@ def test_bounded_queue_answers_429_with_retry_after():
         assert client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2).choices
 
 
+def test_queue_timeout_answers_503_with_retry_after():
+    with ThreadServer(tiny_app(queue_timeout=0.3, max_tokens=1000)) as s:
+        async def main():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as http:
+                async with http.stream("POST", "/v1/chat/completions",
+                                       json={**_long_prompt_request(800), "stream": True}) as busy:
+                    lines = busy.aiter_lines()
+                    assert (await lines.__anext__()).startswith("data: ")
+                    return await http.post("/v1/chat/completions", json=_long_prompt_request(2))
+
+        r = asyncio.run(main())
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_timeout"
+        assert int(r.headers["retry-after"]) >= 1
+
+
+def test_max_completion_tokens_is_honoured(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_completion_tokens=3,
+                                       extra_body={"documents": DOCS})
+    assert r.usage.completion_tokens <= 3 and r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_client_disconnect_mid_stream_frees_the_slot(server, client):
     body = {**_long_prompt_request(800), "stream": True}
     plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=800, extra_body={"documents": DOCS})
