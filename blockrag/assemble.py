@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from blockrag.hf import KVCache, buffer_cache
-from blockrag.kv import KVBlock
+from blockrag.kv import KVBlock, same_device
 from blockrag.rope import RopeSpec, rotate_keys
 
 
@@ -39,17 +39,6 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def same_device(a: torch.device, b: torch.device) -> bool:
-    """Equal devices, treating "cuda" and "cuda:<current>" as the same."""
-    a, b = torch.device(a), torch.device(b)
-    if a.type != b.type:
-        return False
-    if a.type != "cuda" or (a.index is not None and b.index is not None):
-        return a == b
-    return (a.index if a.index is not None else torch.cuda.current_device()) == (
-        b.index if b.index is not None else torch.cuda.current_device())
 
 
 def fast_path(blocks: Sequence[KVBlock], device: torch.device) -> str:

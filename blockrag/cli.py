@@ -6,14 +6,14 @@
     blockrag kb delete DOC_ID --kb kb/
 
 ``--model tiny-random`` builds a tiny random Llama (no download; answers are noise) for trying the pipeline
-offline. Other modules add commands when installed: ``blockrag.train.cli`` (finetune) and
-``blockrag.eval.cli`` (eval), each with ``add_parser(subparsers)`` and ``run(args) -> int``.
+offline. ``finetune``, ``eval`` and ``serve`` are defined in ``blockrag.train.cli``, ``blockrag.eval.cli`` and
+``blockrag.serve.cli`` (each with ``add_parser(subparsers)`` and ``run(args) -> int``) and registered here: this
+is the one ``main``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import logging
@@ -21,26 +21,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from blockrag.models import DEFAULT_MODEL, TINY_NOTE, TINY_PREFIX, is_tiny  # noqa: F401 (used by extensions)
+from blockrag.cli_common import load_engine
+from blockrag.models import DEFAULT_MODEL, TINY_NOTE, TINY_PREFIX, is_tiny  # noqa: F401 (re-exported)
 
 OWN_COMMANDS = ("ingest", "ask", "chat", "kb")
-EXTENSIONS = (("blockrag.train.cli", "finetune"), ("blockrag.eval.cli", "eval"), ("blockrag.serve.cli", "serve"))
-
-
-# --- model loading -------------------------------------------------------------------------------
-
-def load_engine(model: str | None = None, *, template: str | None = None, device: str | None = None,
-                dtype: str = "auto", token_budget: int = 8192, quiet: bool = False, progress: bool = False):
-    """A BlockEngine for any name ``blockrag.models`` resolves (default: the embedded model)."""
-    from blockrag import BlockEngine
-    from blockrag.models import load
-
-    model = model or DEFAULT_MODEL
-    if is_tiny(model) and not quiet:
-        print(TINY_NOTE.format(name=model), file=sys.stderr)
-    loaded = load(model, device=device, dtype=dtype, progress=progress)
-    return BlockEngine(loaded.model, loaded.tokenizer, template=template or loaded.template or "chat",
-                       token_budget=token_budget)
+# Subcommands defined next to the code they run; each module has add_parser(subparsers) and run(args) -> int.
+SUBCOMMANDS = ("finetune", "eval", "serve")
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -179,17 +165,25 @@ def build_parser(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentPa
 
     runners: dict[str, Any] = {}
     command = next((a for a in (argv or []) if not a.startswith("-")), None)
-    if command not in OWN_COMMANDS:  # NOTE: extensions are imported only when they may be what was asked for
-        for module_name, name in EXTENSIONS:
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as e:
-                if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
-                    continue  # not installed / not written yet
-                raise
-            module.add_parser(sub)
-            runners[name] = module.run
+    # NOTE: a subcommand's module is imported only when it may be what was asked for (its imports are heavy)
+    for name in SUBCOMMANDS if command not in OWN_COMMANDS else ():
+        if command in SUBCOMMANDS and name != command:
+            continue
+        module = _subcommand(name)
+        module.add_parser(sub)
+        runners[name] = module.run
     return parser, runners
+
+
+def _subcommand(name: str):
+    """The module that defines subcommand ``name`` (registered here, explicitly)."""
+    if name == "finetune":
+        from blockrag.train import cli as module
+    elif name == "eval":
+        from blockrag.eval import cli as module
+    else:
+        from blockrag.serve import cli as module
+    return module
 
 
 # --- commands ------------------------------------------------------------------------------------

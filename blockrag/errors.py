@@ -21,3 +21,11 @@ class PromptTooLongError(BlockRAGError, ValueError):
 
 class InvalidInputError(BlockRAGError, ValueError):
     """A question, passage or argument that cannot be used as given."""
+
+
+class StoreError(BlockRAGError):
+    """A KV store could not do what was asked."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """Writing a file failed (e.g. no space left on device); no partial file was left behind."""

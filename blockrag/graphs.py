@@ -31,56 +31,11 @@ import torch
 from torch import Tensor
 
 from blockrag.assemble import _copy_from_host, block_offsets, gather_plans
-from blockrag.attention import _attend, merge_partials
+from blockrag.attention import GraphState, graph_attention  # noqa: F401 (graph_attention: re-exported)
 from blockrag.hf import KVCache, buffer_cache, forward, slot_cache
-from blockrag.kernels import final_block_attention, gather_rotate, split_meta
+from blockrag.kernels import gather_rotate, split_meta
 
 BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # final-block lengths; padding costs rows
-
-
-@dataclass
-class GraphState:
-    """Device tensors that carry one request's lengths into a captured graph (same objects every replay)."""
-
-    chunk: int
-    seqused: Tensor  # (S,) int32 keys used in each context chunk
-    valid: Tensor  # (S,) bool, chunk holds at least one key
-    cu_q: Tensor  # (S+1,) int32 query offsets of each chunk (rows of folded queries)
-    cu_k: Tensor  # (S+1,) int32 key offsets of each chunk in the buffer
-    tail: Tensor  # (q,) int64 cache slots of the final block: n .. n+q-1
-    meta: Tensor | None = None  # (4,) int32 ``kernels.split_meta``: set for the split-KV Triton kernel
-    max_splits: int = 0
-
-
-def graph_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, state: GraphState) -> Tensor:
-    """Bottom-right causal attention of a final block over a static buffer, lengths from ``state``.
-
-    Args:
-        query: (1, Hq, q, D).
-        key, value: (1, Hkv, cap, D) static buffers; context in slots 0..n-1, the final block at ``state.tail``.
-
-    Returns:
-        (1, Hq, q, D).
-    """
-    if state.meta is not None:  # one split-KV kernel + one merge, context and final block together
-        return final_block_attention(query, key, value, scale, state.meta, state.max_splits).transpose(1, 2)
-    _, q_heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    groups = q_heads // kv_heads
-    rows = groups * q_len
-    chunks = state.seqused.numel()
-    folded = query.reshape(kv_heads, rows, dim).transpose(0, 1)  # (rows, Hkv, D): a group's heads as rows
-    packed = folded.unsqueeze(0).expand(chunks, rows, kv_heads, dim).reshape(chunks * rows, kv_heads, dim)
-    out, lse = torch.ops.aten._flash_attention_forward(
-        packed, key[0].transpose(0, 1), value[0].transpose(0, 1), state.cu_q, state.cu_k, rows, state.chunk,
-        0.0, False, False, scale=scale, seqused_k=state.seqused)[:2]
-    out = out.view(chunks, rows, kv_heads, dim).permute(0, 2, 1, 3).reshape(chunks, q_heads, q_len, dim)
-    lse = lse.view(kv_heads, chunks, rows).transpose(0, 1).reshape(chunks, q_heads, q_len)
-    lse = lse.masked_fill(~state.valid[:, None, None], float("-inf"))  # flash reports +inf for empty rows
-    tail_k = key.index_select(2, state.tail).repeat_interleave(groups, dim=1)
-    tail_v = value.index_select(2, state.tail).repeat_interleave(groups, dim=1)
-    tail_out, tail_lse = _attend(query, tail_k, tail_v, scale, causal=True)
-    return merge_partials(torch.cat([out, tail_out]), torch.cat([lse, tail_lse]))[None]
 
 
 def _cut_before(cut, update):

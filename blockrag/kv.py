@@ -101,7 +101,7 @@ class KVBlock:
 
     def quantize(self) -> KVBlock:
         """This block with fp8 (e4m3) keys and values and per-(layer, head) scales."""
-        from blockrag.store.fp8 import quantize_fp8
+        from blockrag.fp8 import quantize_fp8
 
         if self.quantized:
             return self
@@ -111,7 +111,7 @@ class KVBlock:
 
     def dequantize(self, dtype: torch.dtype) -> KVBlock:
         """This block with ``dtype`` keys and values (itself if not quantized)."""
-        from blockrag.store.fp8 import dequantize_fp8
+        from blockrag.fp8 import dequantize_fp8
 
         if not self.quantized:
             return self
@@ -144,6 +144,17 @@ class KVBlock:
         )
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Equal devices, treating "cuda" and "cuda:<current>" as the same."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or (a.index is not None and b.index is not None):
+        return a == b
+    return (a.index if a.index is not None else torch.cuda.current_device()) == (
+        b.index if b.index is not None else torch.cuda.current_device())
+
+
 def check_block(block: KVBlock, fingerprint: str, dtype: torch.dtype, device: torch.device) -> None:
     """Refuse a block that was not encoded by this engine's model, dtype and device.
 
@@ -161,8 +172,6 @@ def check_block(block: KVBlock, fingerprint: str, dtype: torch.dtype, device: to
     if block.dtype != dtype and not block.quantized:
         raise KVBlockMismatchError(
             f"KVBlock {block.key[:12]} has dtype {block.dtype}, engine expects {dtype} (or fp8 with scales)")
-    from blockrag.assemble import same_device
-
     if block.device.type != "cpu" and not same_device(block.device, device):
         raise KVBlockMismatchError(
             f"KVBlock {block.key[:12]} is on device {block.device}, engine runs on {device}; "

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 from kb_helpers import CORPUS, embedder, questions, torch_threads
@@ -168,36 +167,17 @@ def test_clear_errors(tmp_path, capsys):
     assert info.value.code == 2
 
 
-def test_extension_commands_register_only_if_their_module_exists(tmp_path, monkeypatch, capsys):
-    package = tmp_path / "blockrag_ext_demo"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "cli.py").write_text(textwrap.dedent("""
-        def add_parser(subparsers):
-            parser = subparsers.add_parser("demo", help="a demo extension command")
-            parser.add_argument("--times", type=int, default=1, help="how often")
-            return parser
-
-        def run(args):
-            print("demo ran", args.times)
-            return 3
-    """))
-    (package / "broken.py").write_text("import a_dependency_that_is_not_installed\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cli, "EXTENSIONS", (("blockrag_ext_demo.cli", "demo"), ("blockrag.not_written_yet.cli", "x"),
-                                            ("blockrag_ext_demo.absent", "y")))
-    code, out, _ = run_cli(capsys, "demo", "--times", "2")
-    assert (code, out.strip()) == (3, "demo ran 2")
+def test_subcommands_are_registered_explicitly_and_imported_only_when_asked():
+    """One ``main``: finetune, eval and serve are registered by blockrag.cli, each module imported only for its
+    own command (or for the full help), never for blockrag's own commands."""
+    assert cli.SUBCOMMANDS == ("finetune", "eval", "serve")
+    assert cli.build_parser(["ask", "q?"])[1] == {}
+    assert set(cli.build_parser(["eval"])[1]) == {"eval"}
     parser, runners = cli.build_parser([])
-    assert set(runners) == {"demo"}  # the absent modules were skipped silently
-    parser, runners = cli.build_parser(["ask"])
-    assert runners == {}  # not imported when one of blockrag's own commands was asked for
-    monkeypatch.setattr(cli, "EXTENSIONS", (("blockrag_ext_demo.broken", "broken"),))
-    with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_not_installed"):
-        cli.build_parser([])  # a module that exists but fails to import is not hidden
+    assert set(runners) == {"finetune", "eval", "serve"}
+    usage = parser.format_help()
+    assert all(name in usage for name in ("ingest", "ask", "chat", "kb", "finetune", "eval", "serve"))
 
-
-# --- a user's sequence of runs, each its own process ---------------------------------------------
 
 def blockrag(*argv, cwd=None, stdin=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

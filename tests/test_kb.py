@@ -17,6 +17,7 @@ import torch
 from kb_helpers import CHUNK_OVERLAP, CHUNK_TOKENS, CORPUS, embedder, questions, torch_threads
 
 from blockrag import BlockEngine, InvalidInputError, KVBlockMismatchError
+from blockrag import atomic as atomic_module
 from blockrag.index import (
     Document,
     DocumentError,
@@ -29,7 +30,6 @@ from blockrag.index import (
     SearchHit,
 )
 from blockrag.store import CorruptBlockError, StoreWriteError
-from blockrag.store import atomic as atomic_module
 from blockrag.store.disk import encode_block
 from blockrag.testing import tiny_model
 

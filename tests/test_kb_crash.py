@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from kb_helpers import CORPUS, embedder, torch_threads
 
+from blockrag import atomic as atomic_module
 from blockrag.index import KnowledgeBase
-from blockrag.store import atomic as atomic_module
 from blockrag.store.disk import decode_block
 
 WORKER = Path(__file__).parent / "kb_crash_worker.py"
@@ -135,6 +135,7 @@ def calibrate(server: ForkServer, path: Path, make_engine) -> float:
     return float(seconds)
 
 
+@pytest.mark.slow  # over a minute on 2 cores: SIGKILLs a real ingest at several points
 def test_sigkill_during_ingest_leaves_a_consistent_kb_and_a_rerun_completes(tmp_path, reference, make_engine):
     server = ForkServer(tmp_path / "server.log")
     rng = random.Random(1234)

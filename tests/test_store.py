@@ -15,6 +15,8 @@ import torch
 from kb_helpers import torch_threads
 
 from blockrag import InvalidInputError, KVBlock, KVBlockMismatchError
+from blockrag import atomic as atomic_module
+from blockrag.atomic import TEMP_PREFIX, atomic_write
 from blockrag.store import (
     CorruptBlockError,
     DiskKVStore,
@@ -26,8 +28,6 @@ from blockrag.store import (
     dequantize_fp8,
     quantize_fp8,
 )
-from blockrag.store import atomic as atomic_module
-from blockrag.store.atomic import TEMP_PREFIX, atomic_write
 from blockrag.store.disk import decode_block, encode_block
 
 

@@ -160,7 +160,7 @@ def _write_data(path):
 
 
 def _cli(argv):
-    from blockrag.train.cli import main
+    from blockrag.cli import main
 
     return main(argv)
 

@@ -1,7 +1,7 @@
 """``blockrag eval``: RAG accuracy and time to first token, block mode vs full mode (vs closed-book), in one command.
 
-``blockrag.cli`` imports this module lazily and calls ``add_parser(subparsers)`` and ``run(args)``;
-``python -m blockrag.eval.cli eval ...`` runs it on its own.
+``blockrag.cli`` (the one ``main``) registers it: it imports this module only for ``blockrag eval`` and calls
+``add_parser(subparsers)`` and ``run(args)``.
 """
 
 from __future__ import annotations
@@ -181,9 +181,10 @@ def run(args) -> int:
     """Run ``blockrag eval``; returns the exit code."""
     import json
 
-    from blockrag.cli import DEFAULT_MODEL, is_tiny, load_engine
+    from blockrag.cli_common import load_engine
     from blockrag.eval.report import write_report
     from blockrag.eval.runner import RESULTS_FILE, EvalSettings, run_eval
+    from blockrag.models import DEFAULT_MODEL, is_tiny
 
     modes = _modes(args.modes)
     kb_model: dict = {}
@@ -245,21 +246,3 @@ def run(args) -> int:
         print("note: --model tiny-random has random weights: its answers are noise. These numbers check the "
               "pipeline (modes, caching, timing, files), not accuracy.")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="blockrag")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    from blockrag.errors import BlockRAGError
-
-    try:
-        return run(args)
-    except BlockRAGError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

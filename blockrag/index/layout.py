@@ -21,9 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from blockrag.atomic import TEMP_PREFIX, atomic_write, pid_alive, temp_owner_pid
 from blockrag.errors import InvalidInputError
 from blockrag.index.errors import KnowledgeBaseError, NotAKnowledgeBaseError
-from blockrag.store.atomic import TEMP_PREFIX, atomic_write, pid_alive, temp_owner_pid
 
 FORMAT = "blockrag-kb"
 FORMAT_VERSION = 1

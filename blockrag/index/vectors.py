@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from blockrag.atomic import atomic_write
 from blockrag.errors import InvalidInputError
-from blockrag.store.atomic import atomic_write
 
 KINDS = ("flat", "hnsw")
 

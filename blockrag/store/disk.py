@@ -28,12 +28,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from blockrag.atomic import TEMP_PREFIX, atomic_write, pid_alive, temp_owner_pid
 from blockrag.errors import InvalidInputError, KVBlockMismatchError
+from blockrag.fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
 from blockrag.kv import KVBlock
-from blockrag.store.atomic import TEMP_PREFIX, atomic_write, pid_alive, temp_owner_pid
 from blockrag.store.base import KVStore
 from blockrag.store.errors import CorruptBlockError
-from blockrag.store.fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
 
 logger = logging.getLogger("blockrag.store")
 

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from blockrag.errors import BlockRAGError, InvalidInputError
+from blockrag.errors import InvalidInputError, StoreError, StoreWriteError
 
-
-class StoreError(BlockRAGError):
-    """A KV store could not do what was asked."""
+__all__ = ["CorruptBlockError", "StoreError", "StoreURLError", "StoreWriteError"]
 
 
 class CorruptBlockError(StoreError):
     """A stored KV file is damaged: truncated, checksum mismatch, or a header that contradicts its name."""
-
-
-class StoreWriteError(StoreError, OSError):
-    """Writing to a store failed (e.g. no space left on device); no partial file was left behind."""
 
 
 class StoreURLError(StoreError, InvalidInputError):

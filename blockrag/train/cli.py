@@ -1,7 +1,7 @@
 """``blockrag finetune``: block-fine-tune a model on JSONL records so that BlockEngine can serve it in block mode.
 
-``blockrag.cli`` imports this module lazily and calls ``add_parser(subparsers)`` and ``run(args)``;
-``python -m blockrag.train.cli finetune ...`` runs it on its own.
+``blockrag.cli`` (the one ``main``) registers it: it imports this module only for ``blockrag finetune`` and calls
+``add_parser(subparsers)`` and ``run(args)``.
 """
 
 from __future__ import annotations
@@ -159,14 +159,3 @@ def run(args) -> int:
     except BlockRAGError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="blockrag")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blockrag.atomic import atomic_write
 from blockrag.errors import InvalidInputError
 from blockrag.hf import enable_activation_checkpointing
 from blockrag.template import BlockTemplate
@@ -196,12 +197,10 @@ def distill_loss(student: Tensor, teacher: Tensor, mask: Tensor, teacher_row: Te
 
 
 def save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Atomic safetensors write (temp file + rename)."""
-    from safetensors.torch import save_file
+    """Atomic, durable safetensors write (temp file, fsync, rename, fsync the directory)."""
+    from safetensors.torch import save
 
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    atomic_write(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -430,7 +429,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state()
         save_safetensors(rng, path / "rng.safetensors")
         state = {"step": self.step, "config": self.config.to_json()}
-        (path / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        atomic_write(path / "trainer_state.json", (json.dumps(state, indent=2) + "\n").encode())
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
