@@ -139,7 +139,7 @@ def breakdown(engine, gpu_blocks, host_blocks, repeats: int) -> dict:
     (transfer + gather + rotation, all layers); the rest of block-mode TTFT is the final-block forward."""
     from blockrag.assemble import assemble_cache
 
-    prefix = engine._blocks_for([engine.prefix_ids()], [None])[0]
+    prefix = engine.source_blocks([engine.prefix_ids()], [None])[0]
     capacity = len(engine.final_ids("question " * 60))
 
     def assemble(blocks, path):

@@ -130,3 +130,84 @@ class TextAccumulator:
         delta = self.text[self._emitted : upto]
         self._emitted = upto
         return delta
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work (timings must include it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def eos_ids(model, tokenizer) -> frozenset[int]:
+    """Every end-of-sequence id the generation config, the model config or the tokenizer names."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def decode_loop(model, tokenizer, attention, *, eos: frozenset[int], max_positions: int | None, prefill, cache,
+                logits: Tensor, position: int, start: float, params: SamplingParams, holder: list):
+    """Pick a token, feed it, repeat; yields text deltas and appends the Generation to ``holder`` at the end.
+
+    Args:
+        model, tokenizer: the engine's.
+        attention: the engine's attention switch, entered around each forward pass.
+        eos: ids that end the generation.
+        max_positions: the model's most positions (None: unbounded).
+        prefill: the PrefillResult the generation starts from; cache, logits, position: its state.
+        start: when the request started (for TTFT).
+        params: sampling and stop settings.
+        holder: receives the Generation.
+    """
+    import time
+
+    from blockrag.hf import forward
+    from blockrag.results import Generation, Usage
+
+    device = next(model.parameters()).device
+    generator = make_generator(params.seed, device)
+    text = TextAccumulator(tokenizer, params.stop)
+    token_ids: list[int] = []
+    finish = "length"
+    first_token_at = decode_start = time.perf_counter()
+    # NOTE: inference mode only around each model call, never across a yield: it is per-thread state,
+    # and a stream may be resumed from another thread (async frameworks pull it from a thread pool).
+    while True:
+        token = select_token(logits, params, generator)
+        if not token_ids:
+            first_token_at = time.perf_counter()
+        if token in eos:
+            finish = "stop"
+            break
+        token_ids.append(token)
+        delta = text.add(token)
+        if delta:
+            yield delta
+        if text.stopped:
+            finish = "stop"
+            break
+        if len(token_ids) >= params.max_new_tokens or (max_positions is not None and position >= max_positions):
+            break
+        with torch.inference_mode(), attention:
+            logits, cache = forward(model, torch.tensor([[token]], device=device),
+                                    position_ids=torch.tensor([[position]], device=device), cache=cache)
+        logits, position = logits[0, -1].float(), position + 1
+    sync(device)
+    tail = text.finish()
+    if tail:
+        yield tail
+    decode_s = time.perf_counter() - decode_start
+    usage = Usage(
+        cached_tokens=prefill.usage.cached_tokens, encoded_tokens=prefill.usage.encoded_tokens,
+        prefilled_tokens=prefill.usage.prefilled_tokens, recomputed_tokens=prefill.usage.recomputed_tokens,
+        ttft_s=first_token_at - start,
+        generated_tokens=len(token_ids),
+        decode_tokens_per_s=(len(token_ids) - 1) / decode_s if len(token_ids) > 1 and decode_s > 0 else 0.0,
+    )
+    holder.append(Generation(text=text.text, token_ids=tuple(token_ids), finish_reason=finish, prefill=prefill,
+                             usage=usage))

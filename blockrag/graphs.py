@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from blockrag.assemble import _copy_from_host, block_offsets, gather_plans
+from blockrag.assemble import _copy_from_host, block_offsets, fast_path, gather_plans
 from blockrag.attention import GraphState, graph_attention  # noqa: F401 (graph_attention: re-exported)
 from blockrag.hf import KVCache, buffer_cache, forward, slot_cache
 from blockrag.kernels import gather_rotate, split_meta
@@ -100,6 +100,26 @@ class FinalBlockGraphs:
         if context > self.max_context:
             return None
         return next((b for b in self.buckets if b >= final), None)
+
+    def try_prefill(self, blocks, final_ids: list[int], rope, reencode: bool, device: torch.device, attention):
+        """(logits, cache, release) from a replay, or None where the eager path applies (blocks it cannot read,
+        a request larger than every bucket, or the buffer busy with another request).
+
+        The static buffer serves one request at a time: ``release`` frees it once decoding is done.
+        """
+        path = fast_path(blocks, device) if blocks else "eager"
+        if path == "eager":
+            return None
+        bucket = self.bucket(sum(b.num_tokens for b in blocks), len(final_ids))
+        if bucket is None or not self.lock.acquire(blocking=False):
+            return None
+        try:  # host-resident blocks: copied group of layers by group, overlapped with the replay
+            with attention:
+                logits, cache = self.prefill(blocks, final_ids, rope, reencode, bucket)
+        except BaseException:
+            self.lock.release()
+            raise
+        return logits, cache, self.lock.release
 
     def prefill(self, blocks, final_ids: list[int], rope, reencode: bool, bucket: int) -> tuple[Tensor, KVCache]:
         """Gather blocks into the buffer, replay the bucket's graphs; return (last logits (V,), decode cache).

@@ -180,3 +180,33 @@ def rotate_keys(keys: Tensor, delta: int | Tensor, inv_freq: Tensor) -> Tensor:
     if rotary_dim == keys.shape[-1]:
         return out
     return torch.cat((out, keys[..., rotary_dim:]), dim=-1)
+
+
+@torch.inference_mode()
+def verify_reencoding(model: nn.Module, spec: RopeSpec, length: int = 12, delta: int = 29) -> None:
+    """The probe: keys of a block encoded at 0..T-1 and rotated by ``delta`` must equal the keys of the same
+    block encoded at delta..delta+T-1 (relative error 1e-3 in float32, 5e-2 in 16-bit).
+
+    Raises:
+        UnsupportedModelError: the model's position encoding is not what ``rotate_keys`` re-encodes.
+    """
+    from blockrag.hf import forward, stacked_kv
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.arange(3, 3 + length, device=device)[None] % vocab
+    keys = []
+    for offset in (0, delta):
+        positions = torch.arange(offset, offset + length, device=device)[None]
+        _, cache = forward(model, ids, position_ids=positions, logits_to_keep=1)
+        keys.append(torch.stack([k[0] for k in stacked_kv(cache)[0]]).float())
+    moved = rotate_keys(keys[0], delta, spec.inv_freq)
+    error = float((moved - keys[1]).norm() / keys[1].norm().clamp_min(1e-12))
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    if not error <= tolerance:
+        raise UnsupportedModelError(
+            f"expected rotated cached keys to match keys encoded {delta} positions later (relative error <= "
+            f"{tolerance}), found {error:.3g} for {model.config.model_type}; this model's position "
+            "encoding cannot be re-encoded block by block"
+        )

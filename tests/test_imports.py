@@ -5,9 +5,9 @@ import is still an arrow). Modules sit in layers; a module may import modules of
 lower one, never of a higher one:
 
     0 leaves   errors, fp8, atomic, hf, aio, kernels          (import no other blockrag module but errors)
-    1 core     rope, masks, template, kv, decode, encoder, assemble, attention, graphs
+    1 core     rope, masks, template, kv, results, prompt, decode, encoder, assemble, attention, graphs
     2 store    store.*                                         (kv never imports store)
-    3 engine   engine, the engine's own modules, testing, every other top-level module, the ``blockrag`` facade
+    3 engine   engine, blocks (the block source), testing, every other top-level module, the ``blockrag`` facade
     4 apps     index.*, train.*, eval.*, tasks.*
     5 entry    cli, *.cli, __main__, serve.*                   (nothing below imports a CLI or the server)
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "blockrag"
 
 LEAVES = {"errors", "fp8", "atomic", "hf", "aio", "kernels"}
-CORE = {"rope", "masks", "template", "kv", "decode", "encoder", "assemble", "attention", "graphs"}
+CORE = {"rope", "masks", "template", "kv", "results", "prompt", "decode", "encoder", "assemble", "attention", "graphs"}
 APPS = ("index", "train", "eval", "tasks")
 INTEGRATIONS = ("langchain_blockrag", "llama_index")
 

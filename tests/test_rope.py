@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import REFUSED_ARCHS, SUPPORTED_ARCHS
-from reference import keys_at, rotate_complex
+from reference import keys_at, reference_logits, rotate_complex
 
 from blockrag import BlockEngine, UnsupportedModelError
 from blockrag.rope import rope_spec, rotate_keys
@@ -54,9 +54,33 @@ def test_rotate_keys_per_token_offsets_and_bf16():
     torch.testing.assert_close(bf16.float(), rotate_keys(keys, 77, inv_freq), atol=2e-2, rtol=2e-2)
 
 
-def test_yarn_attention_scaling_is_not_applied_twice(make_model):
-    spec = rope_spec(make_model("yarn"))
-    assert spec.rope_type == "yarn" and spec.attention_scaling != 1.0
+def test_yarn_attention_scaling_is_applied_once(make_model, make_engine, tokenizer, monkeypatch):
+    """YaRN multiplies cos/sin by ``attention_scaling`` when keys are encoded, so cached keys carry it already;
+    re-encoding must only rotate. Checked on the keys and on the engine's block-mode logits against the
+    block-masked reference; negative control: rotating with the scaling applied a second time is clearly off."""
+    model = make_model("yarn")
+    spec = rope_spec(model)
+    assert spec.rope_type == "yarn" and abs(spec.attention_scaling - 1.0) > 0.05  # a second scaling would show
+    ids = tokenizer("Rotary position embeddings rotate queries and keys.", add_special_tokens=False)["input_ids"]
+    at_zero, expected = keys_at(model, ids, 0), keys_at(model, ids, 57)
+    moved = rotate_keys(at_zero, 57, spec.inv_freq)
+    torch.testing.assert_close(moved, expected, atol=1e-5, rtol=0)
+    assert (moved * spec.attention_scaling - expected).abs().max() > 1e-2
+
+    engine = make_engine("yarn")
+    passages = ["Paris is the capital of France.", "Rotary embeddings rotate keys.", "The fox jumps."]
+    result = engine.prefill(passages, "Which city?")
+    reference = reference_logits(engine.model, [list(b.token_ids) for b in result.blocks], result.final_ids)[-1]
+    torch.testing.assert_close(result.logits, reference, atol=1e-4, rtol=0)
+
+    import blockrag.assemble as assemble_module
+
+    def scaled_again(keys, delta, inv_freq):
+        return rotate_keys(keys, delta, inv_freq) * spec.attention_scaling
+
+    monkeypatch.setattr(assemble_module, "rotate_keys", scaled_again)
+    doubled = engine.prefill(passages, "Which city?")
+    assert (doubled.logits - reference).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("arch,reason", sorted(REFUSED_ARCHS.items()))
@@ -67,13 +91,13 @@ def test_unsupported_models_are_refused(arch, reason, make_model, tokenizer):
 
 def test_probe_refuses_a_rope_layout_it_cannot_reencode(make_model, tokenizer, monkeypatch):
     """If the model's rotation is not the rotate-half layout, the construction-time probe says so."""
-    import blockrag.engine as engine_module
+    import blockrag.rope as rope_module
 
     def interleaved(keys, delta, inv_freq):  # a deliberately wrong pairing of dims
         r = 2 * inv_freq.numel()
         perm = torch.arange(r).view(2, -1).t().reshape(-1)
         return rotate_keys(keys[..., perm], delta, inv_freq)[..., perm.argsort()]
 
-    monkeypatch.setattr(engine_module, "rotate_keys", interleaved)
+    monkeypatch.setattr(rope_module, "rotate_keys", interleaved)
     with pytest.raises(UnsupportedModelError, match="cannot be re-encoded"):
         BlockEngine(make_model("llama"), tokenizer)

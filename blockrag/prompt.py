@@ -1,0 +1,103 @@
+"""Prompt building: instruction, passages (text, Passage or KVBlock) and a question -> per-block token ids.
+
+Block 0 is the template's prefix (the instruction, with BOS where the template asks for it), then one block
+per passage, then the final block (the question). Each block is tokenized on its own, exactly as it is
+encoded and cached; nothing here runs the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from blockrag.errors import InvalidInputError, PromptTooLongError
+from blockrag.kv import KVBlock
+from blockrag.template import BlockTemplate, Passage
+
+PassageLike = str | Passage | KVBlock
+
+
+class ContextBlock(NamedTuple):
+    """One context block: its token ids, its text (when known) and the KVBlock the caller gave (if any)."""
+
+    ids: list[int]
+    text: str | None
+    given: KVBlock | None
+
+
+@dataclass
+class Prompt:
+    """Context blocks (block 0 first) and the final block's ids, plus what was skipped."""
+
+    context: list[ContextBlock]
+    final_ids: list[int]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(block.ids) for block in self.context) + len(self.final_ids)
+
+    @property
+    def input_ids(self) -> list[int]:
+        return [t for block in self.context for t in block.ids] + self.final_ids
+
+
+class PromptBuilder:
+    """Renders and tokenizes prompts with one template and tokenizer.
+
+    Args:
+        template: the block template.
+        tokenizer: the model's tokenizer.
+        max_positions: the model's maximum positions (None: unbounded).
+        check_block: raises if a given KVBlock cannot be used by this engine (model, dtype, device).
+    """
+
+    def __init__(self, template: BlockTemplate, tokenizer, max_positions: int | None,
+                 check_block: Callable[[KVBlock], None]) -> None:
+        self.template, self.tokenizer, self.max_positions = template, tokenizer, max_positions
+        self._check_block = check_block
+
+    def block_ids(self, passage: str | Passage) -> list[int]:
+        """Token ids of one passage block."""
+        return self.template.tokenize(self.tokenizer, self.template.render_passage(passage))
+
+    def prefix_ids(self, instruction: str | None = None) -> list[int]:
+        """Token ids of block 0 (with BOS if the template and tokenizer use one)."""
+        return self.template.tokenize(self.tokenizer, self.template.render_prefix(instruction), first=True)
+
+    def final_ids(self, question: str) -> list[int]:
+        return self.template.tokenize(self.tokenizer, self.template.render_final(question))
+
+    def check_length(self, num_tokens: int, what: str) -> None:
+        if self.max_positions is not None and num_tokens > self.max_positions:
+            raise PromptTooLongError(
+                f"{what} has {num_tokens} tokens, the model accepts at most {self.max_positions} positions; "
+                "pass fewer or shorter passages"
+            )
+
+    def build(self, passages: Sequence[PassageLike], question: str, instruction: str | None = None) -> Prompt:
+        """The prompt's blocks. Empty passages are skipped (with a warning); bad input raises a typed error."""
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidInputError(f"expected a non-empty question, found {question!r}")
+        if isinstance(passages, (str, Passage, KVBlock)):
+            raise InvalidInputError("expected a sequence of passages, found a single item; wrap it in a list")
+        prompt = Prompt(context=[], final_ids=self.final_ids(question))
+        prefix_text = self.template.render_prefix(instruction)
+        if prefix_text:
+            prompt.context.append(ContextBlock(self.prefix_ids(instruction), prefix_text, None))
+        for index, item in enumerate(passages):
+            if isinstance(item, KVBlock):
+                self._check_block(item)
+                prompt.context.append(ContextBlock(list(item.token_ids), item.text, item))
+                continue
+            if not isinstance(item, (str, Passage)):
+                raise InvalidInputError(f"expected str, Passage or KVBlock, found {type(item).__name__} at {index}")
+            text = item.text if isinstance(item, Passage) else item
+            if not text.strip():
+                prompt.warnings.append(f"skipped empty passage at index {index}")
+                continue
+            rendered = self.template.render_passage(item)
+            prompt.context.append(ContextBlock(self.template.tokenize(self.tokenizer, rendered), rendered, None))
+        self.check_length(prompt.num_tokens, "the prompt")
+        return prompt
