@@ -9,6 +9,7 @@ joins would make the ids differ from the ids whose KV was cached.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,10 +45,10 @@ class RenderedPrompt:
 
 
 def _fill(pattern: str, **values: str) -> str:
-    # NOTE: str.replace, not str.format: passages and questions may contain braces.
-    for name, value in values.items():
-        pattern = pattern.replace("{" + name + "}", value)
-    return pattern
+    # NOTE: one pass over the pattern, not str.format (passages and questions may contain braces) nor one
+    # str.replace per name (a value containing "{title}" would be substituted again).
+    names = "|".join(re.escape(name) for name in values)
+    return re.sub(r"\{(" + names + r")\}", lambda match: values[match.group(1)], pattern) if values else pattern
 
 
 @dataclass(frozen=True)

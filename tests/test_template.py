@@ -71,6 +71,15 @@ def test_custom_template_and_braces_in_text(tokenizer):
     assert t.version != get_template("tulu3-block").version
 
 
+def test_placeholders_inside_passage_text_are_kept_as_written():
+    """One pass over the pattern: a value that itself contains a placeholder is not substituted again."""
+    t = BlockTemplate(prefix="{instruction}", passage="{title}: {text}", final="{question}", instruction="i")
+    assert t.render_passage(Passage("Jinja uses {title} placeholders.", title="Paris")) == (
+        "Paris: Jinja uses {title} placeholders.")
+    assert t.render_passage(Passage("plain", title="about {text}")) == "about {text}: plain"
+    assert t.render_final("what does {question} mean?") == "what does {question} mean?"
+
+
 def test_template_errors_are_typed(tokenizer):
     with pytest.raises(InvalidInputError, match="question"):
         BlockTemplate(prefix="", passage="{text}", final="no placeholder")
