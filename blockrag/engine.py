@@ -27,14 +27,14 @@ from blockrag.encoder import BlockEncoder
 from blockrag.errors import InvalidInputError
 from blockrag.hf import AttentionSwitch, forward
 from blockrag.kv import KVBlock, block_key, check_block, model_fingerprint
-from blockrag.prompt import PassageLike, Prompt, PromptBuilder
+from blockrag.prompt import PassageLike, Prompt, PromptBuilder, Segment
 from blockrag.results import BlockInfo, Generation, GenerationStream, PrefillResult, Usage
 from blockrag.rope import RopeSpec, rope_spec, verify_reencoding
 from blockrag.store import KVStore, MemoryKVStore
 from blockrag.template import BlockTemplate, Passage, get_template
 
 __all__ = ["BlockEngine", "BlockInfo", "Generation", "GenerationStream", "Mode", "PassageLike", "PrefillResult",
-           "Usage"]
+           "Segment", "Usage"]
 
 Mode = Literal["block", "full"]
 
@@ -312,6 +312,41 @@ class BlockEngine:
         logits, cache = recompute_prefill(self.model, cache, context, positions, final_ids, capacity=new_tokens)
         return logits, cache, len(positions)
 
+    # --- segments: a prompt of arbitrary cached / live pieces ----------------------------------------
+
+    def prefill_segments(self, segments: Sequence[Segment | KVBlock], *, mode: Mode = "block",
+                         reencode: bool = True) -> PrefillResult:
+        """``prefill`` for a prompt of segments (see ``blockrag.prompt.Segment``): cached segments are blocks
+        (served from the store, encoded once), live ones are prefilled as the final block."""
+        result, _, (_, _, _, release) = self._prefill(self.prompts.from_segments(segments), None, None, mode,
+                                                      reencode, 0)
+        release()
+        return result
+
+    def cache_segments(self, segments: Sequence[Segment]) -> list[KVBlock]:
+        """Blocks of the cached segments (from the store, or encoded now and stored), e.g. a chat turn that just
+        finished, so the next request finds it. Segments are placed as in a prompt: the first gets BOS."""
+        chosen = [(i, s) for i, s in enumerate(segments) if s.cached]
+        return self.blocks.fetch([self.prompts.segment_ids(s.text, first=i == 0) for i, s in chosen],
+                                 [s.text for _, s in chosen])[0]
+
+    def generate_segments(self, segments: Sequence[Segment | KVBlock], *, mode: Mode = "block",
+                          reencode: bool = True, **sampling) -> Generation:
+        """``generate`` for a prompt of segments; ``sampling``: max_new_tokens, temperature, top_p, top_k,
+        seed, stop (as in ``generate``)."""
+        holder: list[Generation] = []
+        for _ in self._run(self.prompts.from_segments(segments), None, None, mode, reencode,
+                           _sampling(**sampling), holder):
+            pass
+        return holder[0]
+
+    def stream_segments(self, segments: Sequence[Segment | KVBlock], *, mode: Mode = "block",
+                        reencode: bool = True, **sampling) -> GenerationStream:
+        """``stream`` for a prompt of segments (validated before this returns)."""
+        holder: list[Generation] = []
+        prompt = self.prompts.from_segments(segments)
+        return GenerationStream(self._run(prompt, None, None, mode, reencode, _sampling(**sampling), holder), holder)
+
     # --- generation ------------------------------------------------------------------------------
 
     def generate(self, passages: Sequence[PassageLike], question: str, *, instruction: str | None = None,
@@ -354,3 +389,8 @@ class BlockEngine:
 
 def _nothing() -> None:
     pass
+
+
+def _sampling(max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+              seed: int | None = None, stop: Sequence[str] = ()) -> SamplingParams:
+    return SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop))

@@ -18,6 +18,19 @@ from blockrag.template import BlockTemplate, Passage
 PassageLike = str | Passage | KVBlock
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a prompt, tokenized on its own, exactly as given (no template around it).
+
+    cached=True: a block, keyed by content like a passage: encoded alone once, then served from the store
+    (the earlier turns of a chat, a tool result, a world description). cached=False: live, prefilled with
+    the final block (it sees every segment before it). Live segments come after every cached one.
+    """
+
+    text: str
+    cached: bool = True
+
+
 class ContextBlock(NamedTuple):
     """One context block: its token ids, its text (when known) and the KVBlock the caller gave (if any)."""
 
@@ -75,6 +88,41 @@ class PromptBuilder:
                 f"{what} has {num_tokens} tokens, the model accepts at most {self.max_positions} positions; "
                 "pass fewer or shorter passages"
             )
+
+    def segment_ids(self, text: str, first: bool = False) -> list[int]:
+        """Token ids of one segment's text (BOS only on the prompt's first segment, where the template wants it)."""
+        return self.template.tokenize(self.tokenizer, text, first=first)
+
+    def from_segments(self, segments: Sequence[Segment | KVBlock]) -> Prompt:
+        """A prompt of arbitrary segments: the cached ones (or KVBlocks) are its context blocks, the live ones,
+        each tokenized on its own and concatenated, its final block. The first segment gets BOS where the
+        template asks for one."""
+        if isinstance(segments, (str, Segment, KVBlock)) or not segments:
+            raise InvalidInputError("expected a non-empty sequence of segments (Segment or KVBlock)")
+        prompt = Prompt(context=[], final_ids=[])
+        for index, item in enumerate(segments):
+            if isinstance(item, KVBlock):
+                item, block = Segment(item.text or "", cached=True), item
+                self._check_block(block)
+            elif isinstance(item, Segment):
+                block = None
+                if not isinstance(item.text, str) or not item.text.strip():
+                    raise InvalidInputError(f"expected non-empty segment text, found {item.text!r} at {index}")
+            else:
+                raise InvalidInputError(f"expected Segment or KVBlock, found {type(item).__name__} at {index}")
+            if item.cached and prompt.final_ids:
+                raise InvalidInputError(f"expected every live segment after the cached ones, found a cached "
+                                        f"segment at {index} after a live one; make it live or move it earlier")
+            ids = list(block.token_ids) if block is not None else self.segment_ids(item.text, first=index == 0)
+            if item.cached:
+                prompt.context.append(ContextBlock(ids, item.text if block is None else block.text, block))
+            else:
+                prompt.final_ids.extend(ids)
+        if not prompt.final_ids:
+            raise InvalidInputError("expected at least one live segment (cached=False) at the end, found none; "
+                                    "the last segment is what the model answers")
+        self.check_length(prompt.num_tokens, "the prompt")
+        return prompt
 
     def build(self, passages: Sequence[PassageLike], question: str, instruction: str | None = None) -> Prompt:
         """The prompt's blocks. Empty passages are skipped (with a warning); bad input raises a typed error."""
