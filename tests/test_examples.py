@@ -107,3 +107,15 @@ def test_an_unknown_model_offline_is_an_error_not_a_fallback(tmp_path):
     assert "'no-such-org/no-such-model' is not in the local Hugging Face cache" in done.stderr
     assert "smollm2-135m" in done.stderr  # says what works offline
     assert "tiny random" not in done.stdout and not (tmp_path / "kb").exists()
+
+
+def test_world_state(monkeypatch, capsys):
+    """Lore and character states are cached blocks: a new situation encodes nothing, a changed state only its
+    own block."""
+    out = _run("world_state", ["--model", "tiny-random", "--max-tokens", "4"], monkeypatch, capsys)
+    encoded = [int(n) for n in re.findall(r"(\d+) encoded now", out)]
+    cached = [int(n) for n in re.findall(r"(\d+) tokens from cached blocks", out)]
+    assert len(encoded) == 3 and encoded[0] > 0 and cached[0] == 0
+    assert encoded[1] == 0 and cached[1] == encoded[0]  # same lore and states: all from the store
+    assert 0 < encoded[2] < encoded[0]  # only Tobin's block again
+    assert cached[2] + encoded[2] > cached[1]  # his block grew
