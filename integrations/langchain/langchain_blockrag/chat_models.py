@@ -6,12 +6,16 @@ Type conversion only. Messages become the engine's three prompt parts:
 - `text-plain` content blocks (retrieved documents, see `langchain_blockrag.chains.document_block`) ->
   passages, each a cached KV block (looked up by the content key in `extras["block_key"]`, else by text);
 - every other text -> the final block, which is the only part prefilled per request. One human message
-  is the question as is; a longer conversation is written out as `User: ...` / `Assistant: ...` lines.
+  is the question as is.
 - opt-in, for a stock prompt whose `{context}` is one string (`ChatPromptTemplate` + `format_docs`):
   with `context_separator` set (the string the user's `format_docs` joins documents with), the text of a
   human message is cut at that separator; every piece but the last becomes a passage block (cached), the
   last piece (the question) is the final block. The first piece holds whatever the prompt puts before the
   first document: a separator after that preamble makes it a block of its own, cached for every request.
+
+A conversation (earlier `HumanMessage` / `AIMessage` / `ToolMessage` turns, no retrieved documents) is laid
+out by the model's chat template instead, each finished turn a cached block (`blockrag.chat.chat_segments`):
+a new turn prefills only the new message, so time to first token stays flat as the conversation grows.
 
 The engine's `Usage` becomes `usage_metadata`: `input_token_details.cache_read` counts tokens served
 from cached blocks, `cache_creation` tokens encoded (and stored) during the request.
@@ -42,7 +46,9 @@ from pydantic import ConfigDict, Field
 
 from blockrag import BlockEngine, Generation, KVBlock, Passage, Usage
 from blockrag.aio import iterate_in_thread
+from blockrag.chat import chat_segments
 from blockrag.errors import InvalidInputError
+from blockrag.prompt import Segment
 from langchain_blockrag._runtime import BLOCK_KEY
 
 _CALL_KWARGS = frozenset({"model", "mode", "max_tokens", "temperature", "top_p", "top_k", "seed", "recompute"})
@@ -50,11 +56,23 @@ _CALL_KWARGS = frozenset({"model", "mode", "max_tokens", "temperature", "top_p",
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """What the engine is asked: block-0 instruction, context passages, final-block question."""
+    """What the engine is asked: block-0 instruction, context passages, final-block question; or, for a
+    conversation, its segments (finished turns cached, the last message live)."""
 
     instruction: str | None
     passages: list[Passage | KVBlock]
     question: str
+    segments: list[Segment] | None = None
+
+    def run(self, engine: BlockEngine, method: str, options: dict[str, Any]):
+        if self.segments is not None and options.get("recompute") is None:
+            # NOTE: selective recompute works on RAG prompts; with it, the conversation is written out as before
+            sampling = {k: v for k, v in options.items() if k != "recompute"}
+            return getattr(engine, f"{method}_segments")(self.segments, **sampling)
+        return getattr(engine, method)(self.passages, self.question, instruction=self.instruction, **options)
+
+
+_CHAT_ROLES = {"User": "user", "Assistant": "assistant", "Tool": "tool"}
 
 
 def _role(message: BaseMessage) -> str:
@@ -124,6 +142,10 @@ def to_engine_request(messages: Sequence[BaseMessage], engine: BlockEngine,
         question = turns[0][1]
     else:
         question = "\n".join(f"{role}: {text}" for role, text in turns)
+        chat = [{"role": "system", "content": "\n\n".join(instruction)}] if instruction else []
+        chat += [{"role": _CHAT_ROLES.get(role, role.lower()), "content": text} for role, text in turns]
+        if not passages and getattr(engine.tokenizer, "chat_template", None) and chat[-1]["role"] in ("user", "tool"):
+            return EngineRequest("\n\n".join(instruction) or None, [], question, chat_segments(engine.tokenizer, chat))
     return EngineRequest("\n\n".join(instruction) or None, passages, question)
 
 
@@ -272,7 +294,7 @@ class ChatBlockRAG(BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         engine, request, options = self._prepare(messages, stop, kwargs)
-        generation = engine.generate(request.passages, request.question, instruction=request.instruction, **options)
+        generation = request.run(engine, "generate", options)
         info = self._info(engine, generation, options["mode"])
         message = AIMessage(content=generation.text, usage_metadata=usage_metadata(generation.usage))
         return ChatResult(generations=[ChatGeneration(message=message, generation_info=info)],
@@ -286,7 +308,7 @@ class ChatBlockRAG(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         engine, request, options = self._prepare(messages, stop, kwargs)
-        stream = engine.stream(request.passages, request.question, instruction=request.instruction, **options)
+        stream = request.run(engine, "stream", options)
         for delta in stream:
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
             if run_manager:  # NOTE: the v1 stream() path passes none and fires the callback itself.

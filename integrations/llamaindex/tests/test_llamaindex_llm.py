@@ -24,6 +24,7 @@ from llamaindex_support import (
 )
 
 from blockrag import Passage
+from blockrag.chat import chat_segments
 from blockrag.errors import InvalidInputError
 
 PASSAGES = [Passage("The Calder Fell line reopened in 1994.", "Reopening"), "Its engines burn Welsh coal."]
@@ -69,12 +70,24 @@ def test_chat_and_stream_chat(llm):
     assert direct.text == reply.message.content
 
 
-def test_chat_writes_out_a_conversation(llm):
+def test_a_conversation_is_cached_turn_by_turn(llm):
+    """Earlier turns are cached blocks laid out by the chat template; a new turn prefills only its message."""
     messages = [ChatMessage(role=MessageRole.USER, content="hello"),
                 ChatMessage(role=MessageRole.ASSISTANT, content="hello"),
                 ChatMessage(role=MessageRole.USER, content="how are you")]
     reply = llm.chat(messages)
-    assert reply.message.content == llm.complete("User: hello\nAssistant: hello\nUser: how are you").text
+    chat = [{"role": "system", "content": llm.system_prompt}] if llm.system_prompt else []
+    chat += [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "how are you"}]
+    expected = llm.engine.generate_segments(chat_segments(llm.engine.tokenizer, chat),
+                                            max_new_tokens=llm.max_new_tokens)
+    assert reply.message.content == expected.text
+    more = [*messages, ChatMessage(role=MessageRole.ASSISTANT, content=reply.message.content),
+            ChatMessage(role=MessageRole.USER, content="and then?")]
+    usage = llm.chat(more).raw["usage"]
+    streamed = list(llm.stream_chat(more))
+    assert "".join(r.delta for r in streamed) == streamed[-1].message.content
+    assert usage["cached_tokens"] > 0 and usage["prefilled_tokens"] < usage["cached_tokens"] + usage["encoded_tokens"]
 
 
 @pytest.mark.asyncio

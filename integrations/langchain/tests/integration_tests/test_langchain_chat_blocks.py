@@ -6,7 +6,7 @@ import pytest
 from langchain_blockrag import ChatBlockRAG, document_block, rag_messages
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_support import (
     fresh_engine,
     no_network,  # noqa: F401
@@ -14,6 +14,7 @@ from langchain_support import (
 )
 
 from blockrag import BlockEngine, Passage
+from blockrag.chat import chat_segments
 from blockrag.errors import InvalidInputError
 
 DOCS = [
@@ -65,15 +66,41 @@ def test_full_mode_per_call(engine):
     assert full.response_metadata["mode"] == "full"
 
 
-def test_system_message_is_the_instruction_and_history_is_written_out():
+def test_system_message_is_the_instruction_and_history_turns_are_cached_blocks():
     engine = tiny_engine()
     chat = ChatBlockRAG(engine=engine, max_tokens=6)
     reply = chat.invoke([SystemMessage("Answer in one word."), HumanMessage("Where is the depot?")])
     assert reply.text == engine.generate([], "Where is the depot?", instruction="Answer in one word.",
                                          max_new_tokens=6).text
-    history = [HumanMessage("hello"), AIMessage("hello"), HumanMessage("how are you")]
-    assert chat.invoke(history).text == engine.generate(
-        [], "User: hello\nAssistant: hello\nUser: how are you", max_new_tokens=6).text
+    history = [SystemMessage("Be brief."), HumanMessage("hello"), AIMessage("hello"), HumanMessage("how are you")]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "how are you"}]
+    reply = chat.invoke(history)
+    assert reply.text == engine.generate_segments(chat_segments(engine.tokenizer, messages), max_new_tokens=6).text
+    first = reply.usage_metadata["input_token_details"]
+    again = chat.invoke(history).usage_metadata["input_token_details"]
+    assert first["cache_creation"] > 0 and again == {"cache_read": first["cache_creation"], "cache_creation": 0}
+    # a ToolMessage turn is a block like the others once an answer follows it
+    tool_turn = [*history, AIMessage("", tool_calls=[{"name": "clock", "args": {}, "id": "c1"}]),
+                 ToolMessage("12:00", tool_call_id="c1"), AIMessage("noon"), HumanMessage("and now?")]
+    later = chat.invoke(tool_turn).usage_metadata["input_token_details"]
+    assert later["cache_read"] == first["cache_creation"] and later["cache_creation"] > 0
+
+
+def test_a_long_chat_prefills_only_the_new_message():
+    """20 turns: prefilled tokens stay those of the new message, cached tokens grow with the conversation."""
+    engine = tiny_engine()
+    chat = ChatBlockRAG(engine=engine, max_tokens=2)
+    history, cached, prefilled = [SystemMessage("Be brief.")], [], []
+    for turn in range(20):
+        history.append(HumanMessage(f"q{turn}"))
+        reply = chat.invoke(history)
+        details = reply.usage_metadata["input_token_details"]
+        cached.append(details["cache_read"])
+        prefilled.append(reply.usage_metadata["input_tokens"] - details["cache_read"] - details["cache_creation"])
+        history.append(AIMessage(reply.text))
+    assert all(b > a for a, b in zip(cached[1:], cached[2:]))
+    assert max(prefilled[1:]) <= 2 * min(prefilled[1:])  # flat: only the new message (its length varies a little)
 
 
 def test_stop_sequence_cuts_the_answer():

@@ -7,9 +7,10 @@ per request); context arrives as kwargs, each passage one cached KV block:
 - `block_keys=[...]`: content keys of blocks already in the engine's store (e.g. from `BlockKVTransform`);
 - `instruction=...`: the block-0 instruction (default: `system_prompt`, else the template's).
 
-Chat messages: system messages are the instruction, the rest the question (a conversation is written
-out as `User: ...` / `Assistant: ...` lines). Usage (cached / encoded / prefilled tokens, TTFT) is in
-each response's `raw["usage"]` (the last response of a stream).
+Chat messages: system messages are the instruction, the rest the question; a conversation (earlier turns,
+no passages) is laid out by the model's chat template with each finished turn a cached block
+(`blockrag.chat.chat_segments`), so a new turn prefills only the new message. Usage (cached / encoded /
+prefilled tokens, TTFT) is in each response's `raw["usage"]` (the last response of a stream).
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ from llama_index.core.llms.custom import CustomLLM
 
 from blockrag import BlockEngine, Generation, KVBlock, Passage
 from blockrag.aio import iterate_in_thread
+from blockrag.chat import chat_segments
 from blockrag.errors import InvalidInputError
 
 _CALL_KWARGS = frozenset({"passages", "block_keys", "instruction", "mode", "max_new_tokens", "temperature",
                           "top_p", "top_k", "seed", "stop", "recompute"})
 _ROLES = {MessageRole.USER: "User", MessageRole.ASSISTANT: "Assistant", MessageRole.TOOL: "Tool"}
+_CHAT_ROLES = {"User": "user", "Assistant": "assistant", "Tool": "tool"}
 
 
 def _usage(generation: Generation) -> dict[str, Any]:
@@ -144,11 +147,21 @@ class BlockRAGLLM(CustomLLM):
             raise InvalidInputError(
                 f"expected at least one non-system message with text, found none among {len(messages)} message(s)"
             )
+        joined = "\n\n".join(instruction) or self.system_prompt
         if len(turns) == 1 and turns[0][0] == "User":
             question = turns[0][1]
         else:
             question = "\n".join(f"{role}: {text}" for role, text in turns)
-        joined = "\n\n".join(instruction) or self.system_prompt
+            chat = [{"role": "system", "content": joined}] if joined else []
+            chat += [{"role": _CHAT_ROLES.get(role, role.lower()), "content": text} for role, text in turns]
+            if (not kwargs.get("passages") and not kwargs.get("block_keys") and "instruction" not in kwargs
+                    and getattr(self.engine.tokenizer, "chat_template", None) and chat[-1]["role"] in ("user", "tool")):
+                # NOTE: a conversation: each finished turn a cached block, only the new message prefilled
+                # (selective recompute works on RAG prompts: with it, the conversation is written out as before)
+                options = self._options(kwargs)
+                if options.get("recompute") is None:
+                    options.pop("recompute", None)
+                    return dict(segments=chat_segments(self.engine.tokenizer, chat), **options)
         return dict(passages=self._context(kwargs), question=question,
                     instruction=kwargs.get("instruction", joined), **self._options(kwargs))
 
@@ -159,12 +172,12 @@ class BlockRAGLLM(CustomLLM):
     # --- engine calls ------------------------------------------------------------------------------
 
     def _run(self, request: dict[str, Any]) -> tuple[Generation, dict[str, Any]]:
-        generation = self.engine.generate(**request)
+        generation = (self.engine.generate_segments if "segments" in request else self.engine.generate)(**request)
         return generation, self._extra(generation, request["mode"])
 
     def _run_stream(self, request: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any] | None]]:
         """(cumulative text, delta, None) per delta, then (text, "", extra) once the generation is done."""
-        stream = self.engine.stream(**request)
+        stream = (self.engine.stream_segments if "segments" in request else self.engine.stream)(**request)
         text = ""
         for delta in stream:
             text += delta
