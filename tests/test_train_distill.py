@@ -55,6 +55,7 @@ def test_collator_tail_mask_covers_the_final_block_and_response(tokenizer):
     assert torch.equal(batch["teacher"]["attention_mask"][0], batch["attention_mask"][1])  # the full copy
 
 
+@pytest.mark.slow  # 5-6 minutes each on the shared 2-core machine: run by make test-slow / test-all (and CI)
 @pytest.mark.parametrize("lora", [LoraSettings(r=4, alpha=8), None])
 def test_distillation_starts_at_zero_for_full_copies_and_shrinks_the_block_gap(tokenizer, tmp_path, lora):
     samples = _samples(tokenizer)
