@@ -17,24 +17,13 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from blockrag.decode import eos_ids as model_eos_ids
 from blockrag.errors import InvalidInputError
 from blockrag.hf import forward
 from blockrag.train.collator import CopyMode, check_backend, make_copy
 from blockrag.train.data import Sample
 
 MODES: tuple[CopyMode, ...] = ("full", "block", "block_no_pos")
-
-
-def eos_ids_of(model, tokenizer) -> frozenset[int]:
-    """End-of-sequence ids from the generation config, the model config and the tokenizer (as the engine)."""
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return frozenset(ids)
 
 
 def _prompt_only(sample: Sample) -> Sample:
@@ -119,7 +108,7 @@ def greedy_answers(model, tokenizer, samples: Sequence[Sample], mode: CopyMode =
     if max_new_tokens < 1 or batch_size < 1:
         raise InvalidInputError(f"expected max_new_tokens >= 1 and batch_size >= 1, found {max_new_tokens} "
                                 f"and {batch_size}")
-    eos = frozenset(eos_ids) if eos_ids is not None else eos_ids_of(model, tokenizer)
+    eos = frozenset(eos_ids) if eos_ids is not None else model_eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
