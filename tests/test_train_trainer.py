@@ -11,7 +11,7 @@ from blockrag.testing import tiny_model
 from blockrag.train import LoraSettings, TrainConfig, Trainer, load_template
 from blockrag.train.collator import BlockCollator, CopyRatio
 from blockrag.train.data import RAGRecord, render, write_jsonl
-from blockrag.train.trainer import learning_rate
+from blockrag.train.trainer import distill_loss, learning_rate, predicting_columns, response_loss
 
 QUESTIONS = ["What is the capital of France?", "Who jumps?", "What rotates keys?", "Where do pupils study?"]
 PASSAGES = [Passage("Paris is the capital of France.", title="Paris"), Passage("The quick brown fox jumps."),
@@ -125,6 +125,37 @@ def test_resume_continues_exactly_where_the_checkpoint_left_off(tokenizer, tmp_p
     fresh.fit(samples, save_final=False)
     diff = max((p - q).abs().max().item() for p, q in zip(straight.model.parameters(), fresh.model.parameters()))
     assert diff > 1e-5
+
+
+@pytest.mark.parametrize("objective", ["answer", "distill"])
+def test_loss_on_kept_columns_equals_the_loss_on_every_position(tokenizer, tmp_path, objective):
+    """The trainer computes logits only where the loss reads them; value and gradients equal the loss over a
+    forward that keeps every position's logits (computed here independently)."""
+    samples, _ = _samples(tokenizer)
+    model = _model(tokenizer)
+    trainer = Trainer(model, tokenizer, _config(tmp_path, objective=objective))
+    batch = trainer.collator(samples)
+    names = ("input_ids", "attention_mask", "position_ids")
+    loss, _ = trainer.loss(batch)
+    loss.backward()
+    kept = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.model.zero_grad(set_to_none=True)
+    logits = trainer.model(**{k: batch[k] for k in names}, use_cache=False).logits
+    if objective == "answer":
+        sums, counts = response_loss(logits, batch["labels"])
+    else:
+        teacher = trainer.teacher(**batch["teacher"], use_cache=False).logits
+        sums, counts = distill_loss(logits, teacher, batch["tail_mask"], batch["teacher_row"])
+    reference = sums.sum() / counts.sum()
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    assert kept and all(torch.allclose(kept[n], p.grad, rtol=1e-4, atol=1e-6)
+                        for n, p in trainer.model.named_parameters() if n in kept)
+    if objective == "answer":  # negative control: columns one position off read the wrong logits
+        columns = predicting_columns(batch["labels"])
+        off = logits.detach()[:, (columns + 1).clamp_max(logits.shape[1] - 1)]
+        shifted, _ = response_loss(off, batch["labels"], columns)
+        assert abs(float(shifted.sum() / counts.sum()) - reference.item()) > 1e-2
 
 
 def test_learning_rate_schedule():

@@ -166,17 +166,29 @@ def learning_rate(step: int, total: int, config: TrainConfig) -> float:
     return config.lr * (floor + (1 - floor) * shape)
 
 
-def response_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def response_loss(logits: Tensor, labels: Tensor, columns: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-row summed cross-entropy of next-token predictions and per-row token counts.
 
     Args:
-        logits: (B, N, V) logits.
+        logits: (B, N, V) logits, or (B, K, V) logits of the positions ``columns`` only.
         labels: (B, N) target ids, IGNORE_INDEX where there is no loss; position i is predicted at i - 1.
+        columns: (K,) positions the logits were kept at (see ``predicting_columns``); None: all positions.
     """
-    targets = labels[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                         reduction="none")
+    if columns is None:
+        logits, targets = logits[:, :-1], labels[:, 1:]
+    else:
+        targets = labels[:, columns + 1]
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     return ce.sum(1), (targets != IGNORE_INDEX).sum(1)
+
+
+def predicting_columns(labels: Tensor) -> Tensor:
+    """(K,) positions whose next token carries a label in any row of a (B, N) label batch.
+
+    NOTE: the loss needs logits only there (the response: tens of tokens of a ~2K-token RAG prompt), so the
+    forward keeps only these columns (``logits_to_keep``) instead of a (B, N, V) tensor of vocabulary logits.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
 
 
 def distill_loss(student: Tensor, teacher: Tensor, mask: Tensor, teacher_row: Tensor) -> tuple[Tensor, Tensor]:
@@ -276,12 +288,12 @@ class Trainer:
 
     # --- one step ----------------------------------------------------------------------------------
 
-    def _teacher_logits(self, inputs: dict[str, Tensor]) -> Tensor:
+    def _teacher_logits(self, inputs: dict[str, Tensor], columns: Tensor) -> Tensor:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             if self.teacher is not None:
-                return self.teacher(**inputs, use_cache=False).logits
+                return self.teacher(**inputs, use_cache=False, logits_to_keep=columns).logits
             with self.model.disable_adapter():  # LoRA: the base model is the teacher
-                return self.model(**inputs, use_cache=False).logits
+                return self.model(**inputs, use_cache=False, logits_to_keep=columns).logits
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """Mean loss of a collated batch (see ``objective``), with block-copy and full-copy means."""
@@ -290,16 +302,19 @@ class Trainer:
         inputs = {k: batch[k].to(device, non_blocking=True) for k in names}
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
         if self.config.objective == "distill":
-            teacher = self._teacher_logits({k: batch["teacher"][k].to(device, non_blocking=True) for k in names})
+            mask = batch["tail_mask"].to(device)
+            columns = mask.any(0).nonzero().squeeze(1)  # logits only where the KL compares them
+            teacher = self._teacher_logits({k: batch["teacher"][k].to(device, non_blocking=True) for k in names},
+                                           columns)
             with autocast:
-                logits = self.model(**inputs, use_cache=False).logits
-            sums, counts = distill_loss(logits, teacher, batch["tail_mask"].to(device),
-                                        batch["teacher_row"].to(device))
+                logits = self.model(**inputs, use_cache=False, logits_to_keep=columns).logits
+            sums, counts = distill_loss(logits, teacher, mask[:, columns], batch["teacher_row"].to(device))
         else:
             labels = batch["labels"].to(device, non_blocking=True)
+            columns = predicting_columns(labels)
             with autocast:
-                logits = self.model(**inputs, use_cache=False).logits
-            sums, counts = response_loss(logits, labels)
+                logits = self.model(**inputs, use_cache=False, logits_to_keep=columns).logits
+            sums, counts = response_loss(logits, labels, columns)
         loss = sums.sum() / counts.sum().clamp_min(1)
         parts = {}
         block = batch["block_copy"].to(device)
