@@ -11,19 +11,24 @@ transformers changes a name or a cache layout, this module is what changes.
   prefill and the decoding after it write in place instead of re-concatenating the context.
 * The attention implementation: registering ours with transformers, and switching a model to it for the
   duration of a call (the model's own configured implementation is restored afterwards).
+* The decoder layers: where a model keeps them, and recording (or replacing) the hidden states each one
+  receives, for the RoPE probe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from blockrag.errors import UnsupportedModelError
 
 NEW_CACHE_NAME = "cache"
 KVCache = DynamicCache  # the cache type the engine hands to a model
@@ -234,6 +239,70 @@ class AttentionSwitch:
             self._users -= 1
             if self._users == 0:
                 self.model.config._attn_implementation = self._previous
+
+
+# --- decoder layers ---------------------------------------------------------------------------------
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers causal LM, in call order.
+
+    Raises:
+        UnsupportedModelError: no ``layers`` list on the base model and no module list as long as
+            ``num_hidden_layers``.
+    """
+    layers = getattr(model.base_model, "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    count = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise UnsupportedModelError(
+        f"expected the decoder layers at model.base_model.layers (or a module list of num_hidden_layers={count}), "
+        f"found neither in {type(model).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def layer_inputs(model: nn.Module, feed: Sequence[Tensor] | None = None) -> Iterator[list[Tensor]]:
+    """Record the hidden states each decoder layer receives in the calls made inside ``with``.
+
+    Args:
+        model: a transformers causal LM.
+        feed: per layer, the (B, T, hidden) states to give it instead of what it receives (None: change
+            nothing). What it would have received is still what is recorded.
+
+    Yields:
+        A list that fills, in call order, with a copy of each (B, T, hidden) layer input.
+
+    Only calls on the thread that entered are recorded or fed; the hooks are removed on exit.
+    """
+    recorded: list[Tensor] = []
+    thread = threading.get_ident()
+
+    def hook(index: int):
+        def pre_forward(module, args, kwargs):
+            if threading.get_ident() != thread:
+                return None
+            # NOTE: decoder layers take the hidden states first; transformers passes them positionally.
+            by_name = "hidden_states" in kwargs
+            recorded.append((kwargs["hidden_states"] if by_name else args[0]).clone())
+            if feed is None:
+                return None
+            if by_name:
+                return args, {**kwargs, "hidden_states": feed[index]}
+            return (feed[index], *args[1:]), kwargs
+
+        return pre_forward
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, layer in enumerate(decoder_layers(model))]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # --- training ---------------------------------------------------------------------------------------
