@@ -34,6 +34,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -62,12 +63,16 @@ EVAL_MODES = ("full", "block", "block_no_pos")
 PRESETS = {
     # per_source: training examples per source (None: all); steps_budget_s: the LoRA run's training time, from
     # which the step count of every run is derived (all runs get the same steps).
-    "gpu": dict(sources=SOURCES, k=5, per_source=700, n_eval=300, batch_size=8, lora_r=8, lora_alpha=16,
-                lora_lr=3e-4, full_lr=3e-5, min_steps=60, max_steps=400, steps_budget_s=70.0, max_length=4096,
-                max_new_tokens=32, eval_batch=48, bf16=True),
+    # targets: source -> "gold" | "self" (the base model's own full-mode answer; see blockrag.train.realqa).
+    # eval_dtype: the dtype the models answer in (bfloat16 is what a GPU user loads). max_steps None: one epoch.
+    "gpu": dict(sources=SOURCES, k=5, per_source=1200, n_eval=300, batch_size=8, lora_r=16, lora_alpha=32,
+                lora_lr=2e-4, full_lr=5e-5, min_steps=150, max_steps=None, steps_budget_s=240.0, max_length=4096,
+                max_new_tokens=32, eval_batch=96, bf16=True, eval_dtype="bfloat16", num_workers=4,
+                targets={s: "gold" for s in SOURCES}),
     "smoke": dict(sources=("disflqa", "boolq"), k=2, per_source=8, n_eval=8, batch_size=2, lora_r=4, lora_alpha=8,
                   lora_lr=1e-3, full_lr=1e-4, min_steps=2, max_steps=2, steps_budget_s=1.0, max_length=768,
-                  max_new_tokens=8, eval_batch=8, bf16=False),
+                  max_new_tokens=8, eval_batch=8, bf16=False, eval_dtype="bfloat16", num_workers=2,
+                  targets={"disflqa": "gold", "boolq": "gold"}),
     "cpu": dict(sources=("disflqa", "boolq"), k=2, per_source=40, n_eval=6, batch_size=2, lora_r=8, lora_alpha=16,
                 lora_lr=1e-3, steps=6, max_length=768, nll_modes=("full", "block"), bf16=False),
 }
@@ -154,6 +159,11 @@ def load_base(model: str, device: str):
 
 
 def evaluate(model, tokenizer, samples, examples, modes, preset, label: str, predictions: list) -> dict:
+    """Greedy answers of every sample in each mode, scored; the model answers in ``preset["eval_dtype"]``
+    (a cast copy: the float32 model itself is left as it is)."""
+    dtype = getattr(torch, preset.get("eval_dtype", "float32"))
+    if next(model.parameters()).dtype != dtype:
+        model = copy.deepcopy(model).to(dtype)
     table = {}
     for mode in modes:
         start = time.perf_counter()
@@ -164,7 +174,8 @@ def evaluate(model, tokenizer, samples, examples, modes, preset, label: str, pre
         for example, text in zip(examples, texts):
             s = score(text, example["answers"])
             per_source.setdefault(example["source"], []).append((s.accuracy, s.f1))
-            predictions.append({"model": label, "mode": mode, "id": example["id"], "prediction": text,
+            predictions.append({"model": label, "mode": mode, "source": example["source"], "id": example["id"],
+                                "prediction": text,
                                 "accuracy": s.accuracy, "f1": round(s.f1, 4)})
         table[mode] = {src: {"n": len(v), "accuracy": round(100 * sum(a for a, _ in v) / len(v), 2),
                              "f1": round(100 * sum(f for _, f in v) / len(v), 2)} for src, v in per_source.items()}
@@ -200,7 +211,7 @@ def train_run(base, tokenizer, template, samples, *, name: str, ratio: str, obje
         output_dir=str(work / name), lr=lr, max_steps=steps, batch_size=preset["batch_size"], warmup_ratio=0.05,
         schedule="cosine", ratio=CopyRatio.parse(ratio), objective=objective, seed=0, log_every=10,
         lora=LoraSettings(r=preset["lora_r"], alpha=preset["lora_alpha"]) if lora else None, bf16=preset["bf16"],
-        progress=False)
+        num_workers=preset.get("num_workers", 0), progress=False)
     trainer = Trainer(model, tokenizer, config, template=template)
     start = time.perf_counter()
     result = trainer.fit(samples, save_final=False)
@@ -255,18 +266,25 @@ def run_gpu(args, preset: dict, out: Path, report: dict) -> None:
         with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
 
-    # Targets: gold spans where the data has them; the base model's own full-mode answers elsewhere, and for the
-    # label-free distillation data.
-    start = time.perf_counter()
-    own = self_answers(base, tokenizer, template, train_examples, max_new_tokens=preset["max_new_tokens"],
-                       batch_size=preset["eval_batch"])
-    report["self_answers_s"] = round(time.perf_counter() - start, 1)
-    records, counts = training_records(train_examples, own)
-    distill_records, distill_counts = training_records(train_examples, own,
-                                                       targets={s: "self" for s in preset["sources"]})
+    # Targets per source (preset "targets"): gold answers, or the base model's own full-mode answers ("self", which
+    # costs a greedy pass over the training prompts). Distillation needs no labels: its KL is taken on the question
+    # and response positions against the frozen model, so it trains on the same samples (their responses are the
+    # targets' tokens; what the teacher predicts there is the signal).
+    targets = preset.get("targets")
+    own = None
+    if targets is None or "self" in targets.values():
+        start = time.perf_counter()
+        own = self_answers(base, tokenizer, template, train_examples, max_new_tokens=preset["max_new_tokens"],
+                           batch_size=preset["eval_batch"])
+        report["self_answers_s"] = round(time.perf_counter() - start, 1)
+    records, counts = training_records(train_examples, own, targets=targets)
     samples = [s for s in render_many(records, template, tokenizer) if s.num_tokens <= preset["max_length"]]
-    distill_samples = [s for s in render_many(distill_records, template, tokenizer)
-                       if s.num_tokens <= preset["max_length"]]
+    if own is not None:
+        distill_records, _ = training_records(train_examples, own, targets={s: "self" for s in preset["sources"]})
+        distill_samples = [s for s in render_many(distill_records, template, tokenizer)
+                           if s.num_tokens <= preset["max_length"]]
+    else:
+        distill_samples = samples
     report["data"] = {"train_examples": len(train_examples), "targets": counts, "train_samples": len(samples),
                       "distill_samples": len(distill_samples), "eval_examples": len(eval_examples),
                       "mean_train_tokens": round(sum(s.num_tokens for s in samples) / len(samples), 1),
@@ -286,7 +304,8 @@ def run_gpu(args, preset: dict, out: Path, report: dict) -> None:
                                  lora=True, lr=preset["lora_lr"], steps=probe_steps, preset=preset, work=work,
                                  logs_out=[])
     per_step = probe_wall / probe_steps
-    steps = int(min(preset["max_steps"], max(preset["min_steps"], preset["steps_budget_s"] / per_step)))
+    epoch = len(samples) // preset["batch_size"]
+    steps = int(min(preset["max_steps"] or epoch, max(preset["min_steps"], preset["steps_budget_s"] / per_step)))
     report["steps"], report["probe_s_per_step"] = steps, round(per_step, 3)
     log(f"probe: {per_step:.3f} s/step -> {steps} steps per run")
     runs = [  # name, ratio, objective, lora, lr, eval modes
@@ -420,6 +439,76 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def bootstrap_table(predictions: Sequence[dict], *, replicates: int = 2000, seed: int = 0) -> tuple[str, dict]:
+    """Accuracy per set and mean over sets with 95% intervals (percentile bootstrap over questions), and each
+    run's block - full difference with its paired interval (the same resampled questions in both modes).
+
+    Args:
+        predictions: rows with model, mode, id, accuracy (what ``run`` writes to predictions.jsonl); the id's
+            prefix before ':' or the row's ``source`` names the set.
+    """
+    import numpy as np
+
+    cells: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    for row in predictions:
+        source = row.get("source") or row["id"].rsplit("-", 1)[0]
+        cells.setdefault((row["model"], row["mode"]), {}).setdefault(source, {})[row["id"]] = float(row["accuracy"])
+    rng = np.random.default_rng(seed)
+    sources = [s for s in SOURCES if any(s in c for c in cells.values())]
+    if not sources:
+        raise SystemExit(f"expected predictions of the sets {SOURCES}, found none")
+    ids = {s: sorted(next(c[s] for c in cells.values() if s in c)) for s in sources}
+    draws = {s: rng.integers(0, len(ids[s]), size=(replicates, len(ids[s]))) for s in sources}
+
+    def stats(cell: dict[str, dict[str, float]]) -> tuple[dict, np.ndarray]:
+        out, means = {}, []
+        for s in sources:
+            values = np.array([cell[s][i] for i in ids[s]])
+            boot = 100 * values[draws[s]].mean(1)
+            out[s] = (100 * values.mean(), *np.percentile(boot, [2.5, 97.5]))
+            means.append(boot)
+        mean_boot = np.mean(means, axis=0)
+        out["mean"] = (float(np.mean([out[s][0] for s in sources])), *np.percentile(mean_boot, [2.5, 97.5]))
+        return out, mean_boot
+
+    complete = {key: cell for key, cell in cells.items() if all(s in cell and set(cell[s]) == set(ids[s])
+                                                                  for s in sources)}
+    summary: dict = {"sources": sources, "n": {s: len(ids[s]) for s in sources}, "replicates": replicates,
+                     "rows": {}, "block_minus_full": {}}
+    boots = {}
+    lines = ["| model, mode | " + " | ".join(f"{s} (n={len(ids[s])})" for s in sources) + " | mean acc [95% CI] |",
+             "|---" * (len(sources) + 2) + "|"]
+    for run_name, mode, label in ROWS:
+        cell = complete.get((run_name, mode))
+        if cell is None:
+            continue
+        out, boots[(run_name, mode)] = stats(cell)
+        summary["rows"][f"{run_name}/{mode}"] = {k: [round(float(x), 2) for x in v] for k, v in out.items()}
+        lines.append(f"| {label} | " + " | ".join(f"{out[s][0]:.1f} [{out[s][1]:.1f}, {out[s][2]:.1f}]"
+                                                   for s in sources)
+                     + f" | **{out['mean'][0]:.1f}** [{out['mean'][1]:.1f}, {out['mean'][2]:.1f}] |")
+    diffs = ["", "| run | block - full, mean acc [95% CI, paired] |", "|---|---|"]
+    for run_name in dict.fromkeys(r for r, _ in boots):
+        if (run_name, "block") in boots and (run_name, "full") in boots:
+            d = boots[(run_name, "block")] - boots[(run_name, "full")]
+            point = summary["rows"][f"{run_name}/block"]["mean"][0] - summary["rows"][f"{run_name}/full"]["mean"][0]
+            low, high = np.percentile(d, [2.5, 97.5])
+            summary["block_minus_full"][run_name] = [round(point, 2), round(float(low), 2), round(float(high), 2)]
+            diffs.append(f"| {run_name} | {point:+.1f} [{low:+.1f}, {high:+.1f}] |")
+    return "\n".join(lines + diffs), summary
+
+
+def intervals(args) -> int:
+    """The table with bootstrap intervals from one or more predictions.jsonl files."""
+    rows = [row for path in args.predictions for row in read_jsonl(Path(path))]
+    text, summary = bootstrap_table(rows, replicates=args.replicates)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(json.dumps({"benchmark": "finetune_real_intervals", **summary}))
+    return 0
+
+
 def run(args) -> int:
     preset = dict(PRESETS[args.preset])
     out = Path(args.out)
@@ -471,8 +560,12 @@ def main(argv=None) -> int:
                                                  "control; default 1:1)")
     r.add_argument("--time-limit-s", type=float, default=480.0,
                    help="skip the runs that would not finish within this many seconds of the start")
+    t = sub.add_parser("intervals", help="accuracy with 95%% bootstrap intervals from predictions.jsonl files")
+    t.add_argument("predictions", nargs="+", help="predictions.jsonl files written by run")
+    t.add_argument("--replicates", type=int, default=2000)
+    t.add_argument("--out", default=None, help="write the markdown table here")
     args = parser.parse_args(argv)
-    return prepare(args) if args.command == "prepare" else run(args)
+    return {"prepare": prepare, "run": run, "intervals": intervals}[args.command](args)
 
 
 if __name__ == "__main__":
