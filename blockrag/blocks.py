@@ -7,7 +7,9 @@ one batched pass under the engine's attention, and puts them into the store. The
 knowledge base's ingest both go through it.
 
 Other stores can be attached behind the engine's own (``attach``): reads try the own store first, then
-the attached ones; writes go through to all of them.
+the attached ones; writes go through to all of them, and each attached store decides what it keeps (a
+knowledge base keeps only the blocks its docstore needs: ``blockrag.index.attached``). The block source never
+asks which store a block belongs to: keys are content hashes, so any store's copy is the right one.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from typing import Any
 from blockrag.engine import BlockEngine, GenerationStream
 from blockrag.errors import InvalidInputError
 from blockrag.index import layout, maintenance, registry
+from blockrag.index.attached import AttachedKVStore
 from blockrag.index.docstore import Docstore
 from blockrag.index.documents import Document, load_paths
 from blockrag.index.embedder import Embedder
@@ -55,7 +56,9 @@ class KnowledgeBase:
 
     Use ``KnowledgeBase.create`` or ``KnowledgeBase.open``; close it (or use it as a context manager) when done.
     While open, the KB's disk store is attached to the engine (``engine.attach_store``), so
-    ``engine.generate`` counts KB blocks as cached; ``close`` detaches it.
+    ``engine.generate`` counts KB blocks as cached; ``close`` detaches it. The engine sees it through an
+    ``AttachedKVStore``: blocks the engine writes through land on this KB's disk only if its docstore needs
+    them, and nothing is deleted through the engine, so several KBs can share one engine.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], docstore: Docstore, embedder: Embedder | None, *,
@@ -71,6 +74,7 @@ class KnowledgeBase:
         self._embedder_lock = threading.Lock()
         self._closed = False
         self.kv = DiskKVStore(path / layout.KV_DIR, fp8=bool(manifest["kv"]["fp8"]), strict=strict)
+        self._attached = AttachedKVStore(self.kv, docstore)
         self._writing = WriterLock(path / layout.LOCK, lock_timeout, self._clean_temp)
         self._index = IndexMirror(path / layout.INDEX, manifest["index"]["kind"], manifest["embedder"]["dim"],
                                   docstore, path / layout.TMP_DIR)
@@ -181,7 +185,7 @@ class KnowledgeBase:
                 registry.fill_keys(self.docstore, engine)
         self.engine = engine
         self.kv.fingerprint = engine.fingerprint
-        engine.attach_store(self.kv)
+        engine.attach_store(self._attached)
 
     def forget_model(self, selector: str) -> dict[str, Any]:
         """Drop a model's KV from the knowledge base: by name, fingerprint (or its first 8+ digits).
@@ -224,8 +228,8 @@ class KnowledgeBase:
         return self.kv.clean_temp() + layout.clean_temp(self.path)
 
     def _collect(self, keys: set[str]) -> int:
-        also = [self.engine.store] if self.engine is not None else []
-        return maintenance.collect(self.docstore, self.kv, keys, also)
+        # NOTE: only this KB's files: the engine's store also reads other KBs' disks, which may need the block.
+        return maintenance.collect(self.docstore, self.kv, keys)
 
     # --- ingest ----------------------------------------------------------------------------------
 
@@ -382,7 +386,7 @@ class KnowledgeBase:
             return
         self._closed = True
         if self.engine is not None:
-            self.engine.detach_store(self.kv)
+            self.engine.detach_store(self._attached)
         self.kv.close()
         self.docstore.close()
 

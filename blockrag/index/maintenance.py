@@ -7,7 +7,6 @@ an *orphan* (neither, so ``gc`` may delete it). Another known model's KV is neve
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from blockrag.errors import KVBlockMismatchError
 from blockrag.index import layout
 from blockrag.index.docstore import Docstore
 from blockrag.index.mirror import IndexMirror
-from blockrag.store.base import KVStore
 from blockrag.store.disk import DiskKVStore, decode_block
 from blockrag.store.errors import CorruptBlockError
 
@@ -57,17 +55,16 @@ class BlockCensus:
         return self.on_disk
 
 
-def collect(docstore: Docstore, kv: DiskKVStore, keys: set[str], also: Iterable[KVStore] = ()) -> int:
-    """Delete the KV files of ``keys`` that nothing needs any more (after the commit that dropped them);
-    also from ``also`` (e.g. the engine's in-memory store). Returns the number of files deleted."""
+def collect(docstore: Docstore, kv: DiskKVStore, keys: set[str]) -> int:
+    """Delete the KV files of ``keys`` that nothing needs any more (after the commit that dropped them; hold
+    the writer lock). Returns the number of files deleted.
+
+    Only ``kv``: an engine's memory copy of such a block is still the right KV for its text (keys are content
+    hashes) and its LRU drops it; deleting through the engine's store would reach other knowledge bases' disks.
+    """
     if not keys:
         return 0
-    removed = 0
-    for key in keys - BlockCensus.of(docstore).needed:
-        removed += bool(kv.delete(key))
-        for store in also:
-            store.delete(key)
-    return removed
+    return sum(bool(kv.delete(key)) for key in keys - BlockCensus.of(docstore).needed)
 
 
 def verify(path: Path, docstore: Docstore, kv: DiskKVStore, index: IndexMirror, deep: bool) -> dict[str, Any]:
