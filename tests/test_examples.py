@@ -119,3 +119,20 @@ def test_world_state(monkeypatch, capsys):
     assert encoded[1] == 0 and cached[1] == encoded[0]  # same lore and states: all from the store
     assert 0 < encoded[2] < encoded[0]  # only Tobin's block again
     assert cached[2] + encoded[2] > cached[1]  # his block grew
+
+
+def test_finetune_takes_model_and_kb(monkeypatch, capsys, tmp_path):
+    """`blockrag finetune --model` on the sample records, then the fine-tuned model creates `--kb` and answers
+    from its cached blocks in block mode."""
+    from blockrag.index import KnowledgeBase
+
+    workdir, kb = tmp_path / "work", tmp_path / "kb"
+    out = _run("finetune", [*TINY, "--kb", str(kb), "--workdir", str(workdir), "--steps", "4"], monkeypatch, capsys)
+    _check_common(out, answers=4)
+    assert "[finetune] blockrag finetune --model tiny-random" in out
+    (losses,) = re.findall(r"\[finetune\] losses: \[(.*)\]", out)
+    assert len(losses.split(",")) == 2  # --steps 4, a loss logged every 2 steps
+    assert (workdir / "train.jsonl").is_file() and (workdir / "block-ready" / "block_template.json").is_file()
+    assert KnowledgeBase.info(kb)["model"]["name"] == str(workdir / "block-ready")  # built by the fine-tuned model
+    assert len(re.findall(r"block mode: TTFT [\d.]+ ms \| context: [1-9]\d* tokens from cached blocks, 0 encoded now",
+                          out)) == 4
