@@ -607,6 +607,7 @@ def load(name: str = DEFAULT_MODEL, *, gguf_file: str | None = None, device: str
         model, tokenizer = _load_transformers(source, torch_dtype, attn_implementation, trust_remote_code, progress)
     if source.gguf is not None:
         _as_plain_model(model)
+        align_end_of_turn(model, tokenizer)
     model.config._name_or_path = source.name  # NOTE: not part of the fingerprint (kv._VOLATILE_CONFIG_KEYS)
     return LoadedModel(model.to(target).eval(), tokenizer, source)
 
@@ -622,6 +623,46 @@ def _as_plain_model(model) -> None:
         model.is_quantized = False
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token the chat template writes right after an assistant message (ChatML: ``<|im_end|>``), if that is
+    one special token; None without a chat template or when the template ends a turn with plain text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "Answer1234"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Question"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this conversation tells us nothing
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    after = text.split(marker, 1)[1]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return int(ids[0]) if ids and ids[0] in special else None
+
+
+def align_end_of_turn(model, tokenizer) -> None:
+    """Make the end-of-sequence token the chat template's end of turn.
+
+    NOTE: how a GGUF file's tokenizer metadata is read differs between transformers releases: 5.17 reads
+    SmolLM2's EOS as ``<|im_start|>``, 5.24 as ``<|im_end|>``. Training appends the tokenizer's EOS to every
+    response and generation stops on it, so a model trained under one release would not stop under the other.
+    The chat template is the same in every release, so the token it closes an assistant turn with decides.
+    """
+    end = end_of_turn_id(tokenizer)
+    if end is None:
+        return
+    if tokenizer.eos_token_id != end:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(end)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = getattr(model, "generation_config", None)
+    if config is not None:
+        config.eos_token_id = end
+    model.config.eos_token_id = end
 
 
 def _load_transformers(source: ModelSource, dtype: torch.dtype, attn_implementation: str, trust_remote_code: bool,

