@@ -225,7 +225,7 @@ def train_run(base, tokenizer, template, samples, *, name: str, ratio: str, obje
 
 
 def save_adapter(trainer: Trainer, out: Path) -> dict:
-    """The LoRA adapter as float16 safetensors + its peft config (what ``smollm2-135m-block`` ships)."""
+    """The LoRA adapter as float16 safetensors + its peft config (what a registered base + adapter name loads)."""
     trainer.model.save_pretrained(str(out / "adapter_fp32"))
     info = export_adapter(out / "adapter_fp32", out)
     for f in (out / "adapter_fp32").iterdir():

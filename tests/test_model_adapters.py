@@ -1,0 +1,57 @@
+"""A short name registered as base + LoRA adapter (``blockrag.models.register(name, base=..., adapter=...)``)
+loads with the merged weights equal to base + B @ A * alpha / r, computed here from the adapter file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from blockrag.models import ModelNotFoundError, load, names, register
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+
+    base = load("tiny-random", device="cpu", dtype="float32").model
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():  # LoRA starts with B = 0 (no change): give B values, as training would
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    path = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+def test_a_registered_adapter_loads_merged_into_its_base(adapter_dir):
+    from safetensors.torch import load_file
+
+    register("adapted-test", base="tiny-random", adapter=adapter_dir, description="test adapter", replace=True)
+    assert "adapted-test" in names()
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    scale = config["lora_alpha"] / config["r"]
+    base = dict(load("tiny-random", device="cpu", dtype="float32").model.named_parameters())
+    tuned = dict(load("adapted-test", device="cpu", dtype="float32").model.named_parameters())
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    for key in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        a = next(v for k, v in tensors.items() if k.endswith(f"{key}.lora_A.weight")).double()
+        b = next(v for k, v in tensors.items() if k.endswith(f"{key}.lora_B.weight")).double()
+        w0, w1 = base[f"{key}.weight"].detach().double(), tuned[f"{key}.weight"].detach().double()
+        torch.testing.assert_close(w1, w0 + scale * (b @ a), rtol=1e-6, atol=1e-6)
+        assert float((w1 - w0).norm() / w0.norm()) > 1e-3  # negative control: the adapter changed the weights
+    assert torch.equal(base["model.layers.0.self_attn.k_proj.weight"], tuned["model.layers.0.self_attn.k_proj.weight"])
+
+
+def test_an_adapter_folder_without_its_config_is_a_clear_error(tmp_path):
+    register("adapted-broken-test", base="tiny-random", adapter=tmp_path, description="test adapter", replace=True)
+    with pytest.raises(ModelNotFoundError, match="adapter_config.json"):
+        load("adapted-broken-test", device="cpu")
+
+
+def test_no_block_adapter_is_registered_until_one_meets_its_target():
+    """The earlier smollm2-135m-block (6 CPU steps) lowered accuracy in both modes; it was removed and no
+    GPU-trained one has met the block-within-1-point target yet (README, block fine-tuning a real model)."""
+    assert "smollm2-135m-block" not in names()
