@@ -66,6 +66,10 @@ def _generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mode", choices=("block", "full"), default="block",
                        help="'block': cached passage KV, only the question prefilled (default); 'full': one ordinary "
                             "prefill of the same prompt")
+    group.add_argument("--recompute", default=None, metavar="SEL",
+                       help="block mode: re-encode a selection of context tokens with full attention before the "
+                            "question (training-free recovery for a model that was not block fine-tuned): "
+                            "'recommended' (deviation:0.2), 'first:K', 'deviation:R', 'query:R', unions with '+'")
     group.add_argument("--instruction", default=None, metavar="TEXT",
                        help="text of block 0 (default: the template's instruction; another text is encoded once)")
     group.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="most tokens to generate (256)")
@@ -303,9 +307,11 @@ def _ingest(args) -> int:
 def _usage_line(generation, mode: str) -> str:
     usage, prefill = generation.usage, generation.prefill
     context = len(prefill.input_ids) - len(prefill.final_ids)  # NOTE: in full mode too, where nothing is cached
+    recomputed = f" | recomputed {usage.recomputed_tokens}" if usage.recomputed_tokens else ""
     return (f"usage: TTFT {usage.ttft_s * 1000:.1f} ms | mode {mode} | context {context} tokens "
-            f"({usage.cached_tokens} cached, {usage.encoded_tokens} encoded now) | prefilled {usage.prefilled_tokens} "
-            f"| generated {usage.generated_tokens} tokens ({usage.decode_tokens_per_s:.1f} tokens/s)")
+            f"({usage.cached_tokens} cached, {usage.encoded_tokens} encoded now){recomputed} | prefilled "
+            f"{usage.prefilled_tokens} | generated {usage.generated_tokens} tokens "
+            f"({usage.decode_tokens_per_s:.1f} tokens/s)")
 
 
 def _print_sources(hits) -> None:
@@ -324,11 +330,18 @@ def _check_question(question: str, args) -> None:
         raise InvalidInputError(f"expected --k to be at least 1, found {args.k}")
     if args.top_k < 0:
         raise InvalidInputError(f"expected --top-k >= 0, found {args.top_k}")
+    if args.recompute is not None:
+        from blockrag.recompute import Recompute
+
+        Recompute.parse(args.recompute)  # a bad selection is refused before the model loads
 
 
 def _generation_kwargs(args) -> dict[str, Any]:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), instruction=args.instruction)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), instruction=args.instruction)
+    if args.recompute is not None:
+        options["recompute"] = args.recompute
+    return options
 
 
 def _open_for_answers(args):

@@ -97,8 +97,9 @@ def describe_kb(stats: dict) -> str:
 
 def describe_usage(usage) -> str:
     """One line about a request's `blockrag.Usage`: where its tokens came from and how fast it started."""
+    recomputed = f", {usage.recomputed_tokens} recomputed" if usage.recomputed_tokens else ""
     return (f"TTFT {usage.ttft_s * 1000:.1f} ms | context: {usage.cached_tokens} tokens from cached blocks, "
-            f"{usage.encoded_tokens} encoded now | {usage.prefilled_tokens} prefilled | "
+            f"{usage.encoded_tokens} encoded now{recomputed} | {usage.prefilled_tokens} prefilled | "
             f"{usage.generated_tokens} generated")
 
 

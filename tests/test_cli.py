@@ -370,3 +370,19 @@ def test_make_bench_writes_to_a_scratch_folder_unless_asked(tmp_path):
     asked = subprocess.run(["make", "-n", "bench", "BENCH_OUT=benchmarks/results"], cwd=root, capture_output=True,
                            text=True, timeout=60)
     assert any(line.endswith("--out benchmarks/results") for line in asked.stdout.splitlines())
+
+
+def test_ask_recompute_recommended_reencodes_part_of_the_context(kb_dir, capsys):
+    from blockrag.recompute import RECOMMENDED, Recompute
+
+    assert Recompute.parse("recommended") == Recompute.parse(RECOMMENDED)
+    q = questions()[0]["question"]
+    code, out, _ = run_cli(capsys, "ask", q, "--kb", kb_dir, "--k", "2", "--max-new-tokens", "2", "--json",
+                           "--recompute", "recommended")
+    usage = json.loads(out)["usage"]
+    context = usage["cached_tokens"] + usage["encoded_tokens"]
+    assert code == 0 and 0 < usage["recomputed_tokens"] < context
+    code, out, _ = run_cli(capsys, "ask", q, "--kb", kb_dir, "--k", "2", "--max-new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["usage"]["recomputed_tokens"] == 0  # control: plain block mode
+    code, _, err = run_cli(capsys, "ask", q, "--kb", "/nonexistent", "--recompute", "everything")
+    assert code == 1 and "'recommended'" in err and "'everything'" in err  # refused before the KB is opened

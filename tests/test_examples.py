@@ -52,11 +52,16 @@ def test_quickstart(monkeypatch, capsys, tmp_path):
     _check_common(out, answers=4)
     assert "[kb] 30 documents" in out
     # ingest stored every passage block: block mode encodes nothing at question time
-    assert len(re.findall(r"block mode: TTFT [\d.]+ ms \| context: [1-9]\d* tokens from cached blocks, 0 encoded now",
-                          out)) == 4
-    assert len(re.findall(r"full mode:  TTFT [\d.]+ ms \| context: 0 tokens from cached blocks, 0 encoded now \| "
+    assert len(re.findall(r"block mode: +TTFT [\d.]+ ms \| context: [1-9]\d* tokens from cached blocks, "
+                          r"0 encoded now \|", out)) == 4
+    # recovery re-encodes part of the cached context: more than the plain block mode prefills, less than full
+    recovered = re.findall(r"block \+ recovery: +TTFT [\d.]+ ms \| context: ([1-9]\d*) tokens from cached blocks, "
+                           r"0 encoded now, ([1-9]\d*) recomputed", out)
+    assert len(recovered) == 4 and all(int(r) < int(c) for c, r in recovered)
+    assert len(re.findall(r"full mode: +TTFT [\d.]+ ms \| context: 0 tokens from cached blocks, 0 encoded now \| "
                           r"[1-9]\d* prefilled", out)) == 4
-    assert len(re.findall(r"TTFT: block \d+ ms vs full \d+ ms", out)) == 4
+    assert len(re.findall(r"TTFT: block mode \d+ ms \([\d.]+x\), block \+ recovery \d+ ms \([\d.]+x\) "
+                          r"vs full \d+ ms", out)) == 4
 
 
 def test_langchain_qa(monkeypatch, capsys):
