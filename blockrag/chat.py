@@ -5,6 +5,9 @@ keyed by its content like a passage: the next request finds it in the store, so 
 the new user message and the assistant header. The text of each segment is cut from the chat template's own
 rendering: segment k is what rendering messages[:k] adds to the rendering of the messages before it, so the
 segments joined are exactly ``apply_chat_template(messages, add_generation_prompt=True)``.
+
+A conversation answered over passages (``chat_rag_segments``) keeps that history and lays out its last user turn
+like a one-turn RAG prompt of the engine's template, so its passages are the same blocks a one-turn request uses.
 """
 
 from __future__ import annotations
@@ -14,12 +17,19 @@ from collections.abc import Mapping, Sequence
 from blockrag.errors import InvalidInputError
 from blockrag.prompt import Segment
 from blockrag.results import Generation, GenerationStream
+from blockrag.template import BlockTemplate, Passage
 
 ROLES = ("system", "user", "assistant", "tool")
+_CONTENT = "\u2063BLOCKRAG_TURN_CONTENT\u2063"
 
 
 def _render(tokenizer, messages: Sequence[Mapping[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as e:  # a template's own rule, e.g. raise_exception('roles must alternate')
+        raise InvalidInputError(f"expected a conversation the chat template accepts, found it refused: {e}") from None
 
 
 def chat_segments(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[Segment]:
@@ -66,6 +76,60 @@ def chat_segments(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[Segm
         if piece:
             segments.append(Segment(piece, cached=not last))
         previous, done = text, cut
+    return segments
+
+
+def _around_content(text: str, what: str) -> tuple[str, str]:
+    """(text before, text after) the one placeholder content in a rendering."""
+    if text.count(_CONTENT) != 1:
+        raise InvalidInputError(f"expected the chat template to render {what} verbatim once, found it "
+                                f"{text.count(_CONTENT)} times; its turns cannot be cut into blocks")
+    head, tail = text.split(_CONTENT)
+    return head, tail
+
+
+def chat_rag_segments(tokenizer, template: BlockTemplate, messages: Sequence[Mapping[str, str]],
+                      passages: Sequence[Passage | str], instruction: str | None = None) -> list[Segment]:
+    """Segments of a conversation whose last user message is answered over passages.
+
+    The earlier turns are cut as in ``chat_segments`` (each finished turn a cached segment). The last user turn
+    is laid out like a one-turn RAG prompt of ``template``: the turn's header with the instruction (cached),
+    one cached segment per passage, rendered as ``template`` renders passage blocks (the very blocks a one-turn
+    request over them uses), then the question and the assistant header (live). For a conversation of one
+    user message these are exactly ``template``'s blocks.
+
+    Args:
+        tokenizer: a tokenizer with a chat template.
+        template: the engine's BlockTemplate; its block 0 must start with the chat template's header of a user
+            message and its final block end with what follows that message's content (as the "chat" preset's do).
+        messages: ``{"role", "content"}`` dicts ending with the user message to answer.
+        passages: the passages (texts or Passages) to answer from.
+        instruction: the template's instruction text (its default if None).
+
+    Raises:
+        InvalidInputError: as ``chat_segments``; a conversation that does not end with a user message; a
+            template whose blocks do not wrap a user message the way the chat template does (e.g.
+            "tulu3-block" over a tokenizer whose chat template is not Tulu's).
+    """
+    if not messages or messages[-1].get("role") != "user" or not isinstance(messages[-1].get("content"), str):
+        raise InvalidInputError("expected a conversation ending with a user message to answer over passages, found "
+                                f"{messages[-1].get('role') if messages else 'no messages'}")
+    *earlier, last = messages
+    *history, live = chat_segments(tokenizer, [*earlier, {"role": "user", "content": _CONTENT}])
+    head, tail = _around_content(_render(tokenizer, [{"role": "user", "content": _CONTENT}], True), "a user message")
+    prefix, final = template.render_prefix(instruction), template.render_final(last["content"])
+    if not (prefix.startswith(head) and final.endswith(tail)):
+        raise InvalidInputError(
+            f"expected the {template.name!r} template's block 0 to start with the chat template's user header "
+            f"{head!r} and its final block to end with {tail!r}, found {prefix[:len(head)]!r} and "
+            f"{final[len(final) - len(tail):]!r}; its passages cannot be placed in a chat turn")
+    # NOTE: the turn's own header replaces the one-turn header (which may open the conversation: BOS, a system turn)
+    turn_head, turn_tail = _around_content(live.text, "the last user message")
+    segments = list(history)
+    if turn_head + prefix[len(head):]:
+        segments.append(Segment(turn_head + prefix[len(head):]))
+    segments += [Segment(template.render_passage(p)) for p in passages]
+    segments.append(Segment(final[:len(final) - len(tail)] + turn_tail, cached=False))
     return segments
 
 

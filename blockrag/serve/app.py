@@ -10,7 +10,12 @@ Requests run one at a time per slot (``concurrency`` slots) on worker threads, b
 passes are compute-bound; at most ``max_queue`` more wait for a slot, and the rest are refused at once with
 429 and a Retry-After estimate (503 when a queued request waited ``queue_timeout_s``). A stream holds its slot
 until it ends or its client goes away. The app talks to the engine and knowledge base through their public
-API only (``generate``, ``stream``, ``search``, token counting).
+API only (``generate``, ``stream``, their ``_segments`` forms, ``search``, token counting).
+
+A one-turn request is the template's RAG prompt: instruction block, one block per passage, the question. A
+conversation is cut at its finished turns by the model's chat template (``blockrag.chat``): each finished turn
+is a cached block, keyed by content, so the next request, which resends the same earlier turns, finds them in
+the store and prefills only its new message; passages sit in the last user turn as the same blocks.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -34,10 +39,13 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blockrag.aio import iterate_in_thread
-from blockrag.errors import BlockRAGError, PromptTooLongError
+from blockrag.chat import chat_rag_segments, chat_segments
+from blockrag.errors import BlockRAGError, InvalidInputError, PromptTooLongError
+from blockrag.prompt import Segment
 from blockrag.serve.protocol import (
     APIError,
     ChatRequest,
+    Layout,
     Limits,
     bad,
     parse_chat_request,
@@ -129,6 +137,23 @@ class Counters:
     disconnects: int = 0
 
 
+class Plan(NamedTuple):
+    """A request in the engine's terms: segments (a conversation), else passages and ``ChatRequest.question``."""
+
+    passages: list[Passage]
+    sources: list[dict[str, Any]]
+    layout: Layout
+    segments: list[Segment] | None
+
+
+class Answer(NamedTuple):
+    """What the engine returned (a Generation, or a GenerationStream not yet run), its sources and layout."""
+
+    result: Any
+    sources: list[dict[str, Any]]
+    layout: Layout
+
+
 class Service:
     """Turns a validated ChatRequest into engine calls (runs on worker threads)."""
 
@@ -153,10 +178,31 @@ class Service:
         sources = [{"id": f"doc-{i}", "title": d.title, "text": d.text} for i, d in enumerate(req.documents)]
         return [Passage(d.text, d.title) for d in req.documents], sources
 
-    def check_tokens(self, req: ChatRequest, passages: list[Passage]) -> int:
+    def layout(self, req: ChatRequest, passages: list[Passage]) -> tuple[Layout, list[Segment] | None]:
+        """How the request's prompt is laid out, and its segments (None for "rag" and "folded": passages and a
+        question, through ``engine.generate`` / ``stream``)."""
+        if not req.history:
+            return "rag", None
+        messages = [{"role": role, "content": text} for role, text in req.history]
+        messages.append({"role": "user", "content": req.query})
+        tokenizer = self.engine.tokenizer
+        try:
+            if passages:
+                # NOTE: as in a one-turn request, system messages are the instruction of the passages' turn
+                return "turns", chat_rag_segments(tokenizer, self.engine.template, messages, passages, req.instruction)
+            system = [{"role": "system", "content": req.instruction}] if req.instruction else []
+            return "turns", chat_segments(tokenizer, [*system, *messages])
+        except InvalidInputError as e:
+            logger.info("earlier turns folded into the question: %s", e)
+            return "folded", None
+
+    def check_tokens(self, req: ChatRequest, passages: list[Passage], segments: list[Segment] | None) -> int:
         engine = self.engine
-        total = len(engine.prefix_ids(req.instruction)) + len(engine.final_ids(req.question))
-        total += sum(len(engine.block_ids(p)) for p in passages)
+        if segments is not None:
+            total = engine.prompts.from_segments(segments).num_tokens
+        else:
+            total = len(engine.prefix_ids(req.instruction)) + len(engine.final_ids(req.question))
+            total += sum(len(engine.block_ids(p)) for p in passages)
         limit = self.config.limits.max_prompt_tokens or engine.max_positions
         if limit is not None and total + req.max_tokens > limit:
             raise bad(f"expected at most {limit} tokens (prompt + max_tokens), found {total} prompt tokens + "
@@ -164,20 +210,34 @@ class Service:
                       param="messages", code="context_length_exceeded")
         return total
 
-    def _kwargs(self, req: ChatRequest) -> dict[str, Any]:
-        return dict(instruction=req.instruction, mode=req.mode, max_new_tokens=req.max_tokens,
-                    temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop)
-
-    def generate(self, req: ChatRequest):
+    def plan(self, req: ChatRequest) -> Plan:
         passages, sources = self.passages(req)
-        self.check_tokens(req, passages)
-        generation = self.engine.generate(passages, req.question, **self._kwargs(req))
-        return generation, _with_cache_flags(sources, generation)
+        layout, segments = self.layout(req, passages)
+        self.check_tokens(req, passages, segments)
+        return Plan(passages, sources, layout, segments)
 
-    def start_stream(self, req: ChatRequest):
-        passages, sources = self.passages(req)
-        self.check_tokens(req, passages)
-        return self.engine.stream(passages, req.question, **self._kwargs(req)), sources
+    @staticmethod
+    def _sampling(req: ChatRequest) -> dict[str, Any]:
+        return dict(mode=req.mode, max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                    seed=req.seed, stop=req.stop)
+
+    def generate(self, req: ChatRequest) -> Answer:
+        plan = self.plan(req)
+        if plan.segments is not None:
+            generation = self.engine.generate_segments(plan.segments, **self._sampling(req))
+        else:
+            generation = self.engine.generate(plan.passages, req.question, instruction=req.instruction,
+                                              **self._sampling(req))
+        return Answer(generation, _with_cache_flags(plan.sources, generation), plan.layout)
+
+    def start_stream(self, req: ChatRequest) -> Answer:
+        plan = self.plan(req)
+        if plan.segments is not None:
+            stream = self.engine.stream_segments(plan.segments, **self._sampling(req))
+        else:
+            stream = self.engine.stream(plan.passages, req.question, instruction=req.instruction,
+                                        **self._sampling(req))
+        return Answer(stream, plan.sources, plan.layout)
 
 
 def _with_cache_flags(sources: list[dict[str, Any]], generation) -> list[dict[str, Any]]:
@@ -185,7 +245,7 @@ def _with_cache_flags(sources: list[dict[str, Any]], generation) -> list[dict[st
     blocks = generation.prefill.blocks
     if generation.prefill.mode != "block" or len(blocks) < len(sources):
         return sources
-    passage_blocks = blocks[len(blocks) - len(sources):]  # NOTE: block 0 (instruction) comes first
+    passage_blocks = blocks[len(blocks) - len(sources):]  # NOTE: the instruction (and earlier turns) come first
     return [{**s, "block_key": b.key, "cached": b.cached} for s, b in zip(sources, passage_blocks)]
 
 
@@ -326,9 +386,9 @@ def create_app(engine, config: ServeConfig, kb=None) -> FastAPI:
             counters.requests += 1
             ident, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
             if req.stream:
-                stream, sources = await run_engine(service.start_stream, req)
+                answer = await run_engine(service.start_stream, req)
                 started: list[bool] = []
-                events = _stream_events(stream, sources, req, ident, now, release, counters, started)
+                events = _stream_events(answer, req, ident, now, release, counters, started)
 
                 def release_unstarted() -> None:
                     # NOTE: a client gone before the first chunk leaves the generator unstarted: its finally never runs.
@@ -339,14 +399,14 @@ def create_app(engine, config: ServeConfig, kb=None) -> FastAPI:
                 return StreamingResponse(events, media_type="text/event-stream",
                                          background=BackgroundTask(release_unstarted),
                                          headers={**worker, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            generation, sources = await run_engine(service.generate, req)
+            generation, sources, layout = await run_engine(service.generate, req)
             _count(counters, generation.usage)
             return JSONResponse({
                 "id": ident, "object": "chat.completion", "created": now, "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text},
                              "finish_reason": generation.finish_reason, "logprobs": None}],
                 "usage": usage_json(generation.usage), "sources": sources,
-                "blockrag": timing_json(generation.usage, req.mode), "system_fingerprint": None,
+                "blockrag": timing_json(generation.usage, req.mode, layout), "system_fingerprint": None,
             }, headers=worker)
         finally:
             if not handed_over:
@@ -361,7 +421,7 @@ def _count(counters: Counters, usage) -> None:
     counters.prefilled_tokens += usage.prefilled_tokens
 
 
-async def _stream_events(stream, sources, req: ChatRequest, ident: str, created: int, release: Callable[[], None],
+async def _stream_events(answer: Answer, req: ChatRequest, ident: str, created: int, release: Callable[[], None],
                          counters: Counters, started: list[bool]) -> AsyncIterator[bytes]:
     """SSE chunks: role (+ sources) first, text deltas, the finish chunk, usage if asked, then [DONE].
 
@@ -373,6 +433,7 @@ async def _stream_events(stream, sources, req: ChatRequest, ident: str, created:
         return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": req.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
 
+    stream, sources = answer.result, answer.sources
     finished = False
     tokens = iterate_in_thread(lambda: iter(stream))
     try:
@@ -386,7 +447,7 @@ async def _stream_events(stream, sources, req: ChatRequest, ident: str, created:
         generation = stream.result
         _count(counters, generation.usage)
         sources = _with_cache_flags(sources, generation)
-        timing = timing_json(generation.usage, req.mode)
+        timing = timing_json(generation.usage, req.mode, answer.layout)
         yield _sse(chunk({}, generation.finish_reason, sources=sources, blockrag=timing))
         if req.include_usage:
             yield _sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": req.model,

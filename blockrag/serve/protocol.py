@@ -9,6 +9,9 @@ Extra request fields (sent by clients through ``extra_body``):
     documents: [{"title": str, "text": str}, ...]   passages to answer from, each a cached KV block
     rag: {"k": int}                                  retrieve k passages from the server's knowledge base
     mode: "block" | "full"                           cached blocks (default) or one ordinary prefill
+
+A conversation (earlier user / assistant / tool messages before the last user message) keeps its turns in
+``ChatRequest.history``; the app lays them out as cached blocks (``Layout``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+
+Layout = Literal["rag", "turns", "folded"]
+"""How a request's prompt was laid out: "rag" one turn (instruction block, passages, question); "turns" earlier
+turns as cached blocks (``blockrag.chat``); "folded" earlier turns written into the question (a chat template
+that cannot be cut into turns)."""
 
 
 class APIError(Exception):
@@ -76,15 +84,19 @@ class ChatRequest:
     """A validated chat-completions request, in the engine's terms.
 
     Attributes:
-        question: the last user message (earlier turns folded in, see ``fold_conversation``).
-        query: the last user message alone (what a knowledge-base search looks for).
+        question: the last user message with the earlier turns folded in (``fold_conversation``), for a
+            chat template that cannot cut them into blocks; the last user message alone when there are none.
+        query: the last user message alone (what the model answers, and a knowledge-base search looks for).
         instruction: system / developer messages joined, or None for the template's default.
+        history: the messages before the last user message, as (role, text) with role "user", "assistant"
+            or "tool"; empty for a one-turn request.
     """
 
     model: str
     question: str
     query: str
     instruction: str | None
+    history: tuple[tuple[str, str], ...]
     documents: tuple[Document, ...]
     rag_k: int | None
     mode: Literal["block", "full"]
@@ -155,7 +167,7 @@ def message_text(content: Any, index: int) -> str:
 def fold_conversation(turns: list[tuple[str, str]]) -> str:
     """One question from a conversation: earlier turns as a transcript, then the last user message.
 
-    The engine answers one question over blocks; a multi-turn chat keeps its history in the question.
+    The fallback for a chat template whose turns cannot be cut into blocks: the history is in the question.
     """
     *history, (_, last) = turns
     if not history:
@@ -164,7 +176,7 @@ def fold_conversation(turns: list[tuple[str, str]]) -> str:
     return "Conversation so far:\n" + "\n".join(lines) + f"\n\nUser: {last}"
 
 
-def _messages(body: dict, limits: Limits) -> tuple[str, str, str | None]:
+def _messages(body: dict, limits: Limits) -> tuple[str, str, str | None, tuple[tuple[str, str], ...]]:
     messages = body.get("messages")
     if messages is None:
         raise bad("expected 'messages', a non-empty list of chat messages, found none", param="messages",
@@ -190,13 +202,14 @@ def _messages(body: dict, limits: Limits) -> tuple[str, str, str | None]:
             if text.strip():
                 system.append(text)
         else:
-            turns.append(("assistant" if role == "tool" else role, text))
+            turns.append((role, text))
     if not turns or turns[-1][0] != "user":
         raise bad("expected the last non-system message to be from the user, found "
                   f"{turns[-1][0] if turns else 'none'}", param="messages")
     if not turns[-1][1].strip():
         raise bad("expected a non-empty last user message, found an empty one", param="messages")
-    return fold_conversation(turns), turns[-1][1], ("\n\n".join(system) if system else None)
+    return (fold_conversation(turns), turns[-1][1], ("\n\n".join(system) if system else None),
+            tuple(turns[:-1]))
 
 
 def _documents(body: dict, limits: Limits) -> tuple[Document, ...]:
@@ -268,7 +281,7 @@ def parse_chat_request(body: dict[str, Any], limits: Limits) -> ChatRequest:
     if not isinstance(model, str) or not model:
         raise bad(f"expected model to be a non-empty string, found {_type_name(model)}", param="model",
                   code="missing_required_parameter" if model is None else "invalid_type")
-    question, query, instruction = _messages(body, limits)
+    question, query, instruction, history = _messages(body, limits)
     documents = _documents(body, limits)
     rag_k = _rag_k(body, limits)
     if documents and rag_k is not None:
@@ -296,7 +309,8 @@ def parse_chat_request(body: dict[str, Any], limits: Limits) -> ChatRequest:
     n = _get(body, "n", (int,), 1, "an integer")
     if n != 1:
         raise bad(f"expected n = 1 (one choice per request), found {n}", param="n")
-    return ChatRequest(model=model, question=question, query=query, instruction=instruction, documents=documents,
+    return ChatRequest(model=model, question=question, query=query, instruction=instruction, history=history,
+                       documents=documents,
                        rag_k=rag_k, mode=mode, stream=stream, include_usage=include_usage, max_tokens=max_tokens,
                        temperature=temperature, top_p=top_p, seed=seed, stop=_stop(body))
 
@@ -311,10 +325,11 @@ def usage_json(usage) -> dict[str, Any]:
     }
 
 
-def timing_json(usage, mode: str) -> dict[str, Any]:
+def timing_json(usage, mode: str, layout: Layout) -> dict[str, Any]:
     """The server's own accounting, beside OpenAI's usage (extra field ``blockrag``)."""
     return {
         "mode": mode,
+        "layout": layout,
         "ttft_ms": round(usage.ttft_s * 1000, 3),
         "cached_tokens": usage.cached_tokens,
         "encoded_tokens": usage.encoded_tokens,
