@@ -61,16 +61,16 @@ SOURCES = ("disflqa", "boolq", "quac", "narrativeqa")
 EVAL_MODES = ("full", "block", "block_no_pos")
 
 PRESETS = {
-    # per_source: training examples per source (None: all); steps_budget_s: the LoRA run's training time, from
-    # which the step count of every run is derived (all runs get the same steps).
+    # per_source: training examples per source (None: all); steps: optimizer steps of every run (None: one epoch;
+    # all runs get the same steps).
     # targets: source -> "gold" | "self" (the base model's own full-mode answer; see blockrag.train.realqa).
     # eval_dtype: the dtype the models answer in (bfloat16 is what a GPU user loads). max_steps None: one epoch.
     "gpu": dict(sources=SOURCES, k=5, per_source=1200, n_eval=300, batch_size=8, lora_r=16, lora_alpha=32,
-                lora_lr=2e-4, full_lr=5e-5, min_steps=150, max_steps=None, steps_budget_s=240.0, max_length=4096,
+                lora_lr=2e-4, full_lr=5e-5, steps=None, max_length=4096,
                 max_new_tokens=32, eval_batch=96, bf16=True, eval_dtype="bfloat16", num_workers=4,
                 targets={s: "gold" for s in SOURCES}),
     "smoke": dict(sources=("disflqa", "boolq"), k=2, per_source=8, n_eval=8, batch_size=2, lora_r=4, lora_alpha=8,
-                  lora_lr=1e-3, full_lr=1e-4, min_steps=2, max_steps=2, steps_budget_s=1.0, max_length=768,
+                  lora_lr=1e-3, full_lr=1e-4, steps=2, max_length=768,
                   max_new_tokens=8, eval_batch=8, bf16=False, eval_dtype="bfloat16", num_workers=2,
                   targets={"disflqa": "gold", "boolq": "gold"}),
     "cpu": dict(sources=("disflqa", "boolq"), k=2, per_source=40, n_eval=6, batch_size=2, lora_r=8, lora_alpha=16,
@@ -224,10 +224,12 @@ def train_run(base, tokenizer, template, samples, *, name: str, ratio: str, obje
     return model, trainer, wall
 
 
-def save_adapter(trainer: Trainer, out: Path) -> dict:
-    """The LoRA adapter as float16 safetensors + its peft config (what a registered base + adapter name loads)."""
+def save_adapter(trainer: Trainer, out: Path, prefix: str = "") -> dict:
+    """The LoRA adapter as float16 safetensors + its peft config (what a registered base + adapter name loads),
+    in ``out/{prefix}adapter/``."""
     trainer.model.save_pretrained(str(out / "adapter_fp32"))
-    info = export_adapter(out / "adapter_fp32", out)
+    (out / f"{prefix}adapter").mkdir(exist_ok=True)
+    info = export_adapter(out / "adapter_fp32", out / f"{prefix}adapter")
     for f in (out / "adapter_fp32").iterdir():
         f.unlink()
     (out / "adapter_fp32").rmdir()
@@ -298,41 +300,44 @@ def run_gpu(args, preset: dict, out: Path, report: dict) -> None:
                                              "base", predictions)
     save()
 
-    # The step count: every run gets the same steps, as many as the LoRA run's time budget allows.
-    probe_steps = 3
-    _, _, probe_wall = train_run(base, tokenizer, template, samples, name="probe", ratio="1:1", objective="answer",
-                                 lora=True, lr=preset["lora_lr"], steps=probe_steps, preset=preset, work=work,
-                                 logs_out=[])
-    per_step = probe_wall / probe_steps
+    # Every run gets the same steps (default one epoch). Runs that would not finish before the deadline are skipped;
+    # the estimate comes from the runs and evaluations measured so far (relative step costs measured on the H200:
+    # control 0.6, full fine-tuning 0.72, distillation about 1.4 of a LoRA 1:1 step).
     epoch = len(samples) // preset["batch_size"]
-    steps = int(min(preset["max_steps"] or epoch, max(preset["min_steps"], preset["steps_budget_s"] / per_step)))
-    report["steps"], report["probe_s_per_step"] = steps, round(per_step, 3)
-    log(f"probe: {per_step:.3f} s/step -> {steps} steps per run")
-    runs = [  # name, ratio, objective, lora, lr, eval modes
-        ("lora", "1:1", "answer", True, preset["lora_lr"], EVAL_MODES),
-        ("control", "0:1", "answer", True, preset["lora_lr"], ("full", "block")),
-        ("full_ft", "1:1", "answer", False, preset["full_lr"], EVAL_MODES),
-        ("distill", "1:1", "distill", True, preset["lora_lr"], ("full", "block")),
-    ]
+    steps = args.steps or preset["steps"] or epoch
+    report["steps"], report["epoch_steps"] = steps, epoch
+    log(f"{steps} steps per run (one epoch: {epoch})")
+    catalogue = {  # name: ratio, objective, lora, lr, eval modes, step cost relative to LoRA 1:1
+        "lora": ("1:1", "answer", True, preset["lora_lr"], EVAL_MODES, 1.0),
+        "control": ("0:1", "answer", True, preset["lora_lr"], ("full", "block"), 0.6),
+        "distill": ("1:1", "distill", True, preset["lora_lr"], ("full", "block"), 1.4),
+        "full_ft": ("1:1", "answer", False, preset["full_lr"], EVAL_MODES, 0.72),
+    }
     report["runs"] = {}
-    for name, ratio, objective, lora, lr, modes in runs:
+    lora_step_s, eval_mode_s = None, None
+    for name in args.runs.split(","):
+        ratio, objective, lora, lr, modes, cost = catalogue[name]
         left = deadline - time.perf_counter()
-        estimate = steps * per_step * (0.6 if ratio == "0:1" else 1.4 if objective == "distill" else 1.1) + 25 * len(
-            modes)
-        if left < estimate:
-            log(f"{name}: skipped ({left:.0f} s left, about {estimate:.0f} s needed)")
-            report["runs"][name] = {"skipped": f"{left:.0f} s left of the time limit, about {estimate:.0f} s needed"}
-            continue
+        if lora_step_s is not None and eval_mode_s is not None:
+            estimate = steps * lora_step_s * cost + eval_mode_s * len(modes)
+            if left < estimate:
+                log(f"{name}: skipped ({left:.0f} s left, about {estimate:.0f} s needed)")
+                report["runs"][name] = {"skipped": f"{left:.0f} s left of the time limit, about {estimate:.0f} s "
+                                                   "needed"}
+                continue
         data = distill_samples if objective == "distill" else samples
         model, trainer, wall = train_run(base, tokenizer, template, data, name=name, ratio=ratio, objective=objective,
                                          lora=lora, lr=lr, steps=steps, preset=preset, work=work, logs_out=logs)
+        lora_step_s = lora_step_s or wall / steps / cost
         report["runs"][name] = {"ratio": ratio, "objective": objective, "lora": lora, "lr": lr, "steps": steps,
                                 "batch_size": preset["batch_size"], "train_s": round(wall, 1)}
-        if name == "lora":
-            report["adapter"] = save_adapter(trainer, out)
+        if lora:
+            report["runs"][name]["adapter"] = save_adapter(trainer, out, prefix=f"{name}_")
         model = merged(model).eval()
+        start = time.perf_counter()
         report["results"][name] = evaluate(model, tokenizer, eval_samples, eval_examples, modes, preset, name,
                                            predictions)
+        eval_mode_s = (time.perf_counter() - start) / len(modes)
         del model, trainer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -509,7 +514,13 @@ def intervals(args) -> int:
     return 0
 
 
+RUNS = ("lora", "control", "distill", "full_ft")
+
+
 def run(args) -> int:
+    unknown = [name for name in args.runs.split(",") if name not in RUNS]
+    if unknown:
+        raise SystemExit(f"expected --runs to name runs of {RUNS}, found {unknown}")
     preset = dict(PRESETS[args.preset])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -560,6 +571,10 @@ def main(argv=None) -> int:
                                                  "control; default 1:1)")
     r.add_argument("--time-limit-s", type=float, default=480.0,
                    help="skip the runs that would not finish within this many seconds of the start")
+    r.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the preset's; "
+                                                           "gpu: one epoch)")
+    r.add_argument("--runs", default="lora,control,distill,full_ft",
+                   help="which runs, in this order (lora, control, distill, full_ft)")
     t = sub.add_parser("intervals", help="accuracy with 95%% bootstrap intervals from predictions.jsonl files")
     t.add_argument("predictions", nargs="+", help="predictions.jsonl files written by run")
     t.add_argument("--replicates", type=int, default=2000)
