@@ -8,9 +8,10 @@
 
 Requests run one at a time per slot (``concurrency`` slots) on worker threads, because the engine's forward
 passes are compute-bound; at most ``max_queue`` more wait for a slot, and the rest are refused at once with
-429 and a Retry-After estimate (503 when a queued request waited ``queue_timeout_s``). A stream holds its slot
-until it ends or its client goes away. The app talks to the engine and knowledge base through their public
-API only (``generate``, ``stream``, their ``_segments`` forms, ``search``, token counting).
+429 and a Retry-After estimate (503 when a queued request waited ``queue_timeout_s``). A request holds its
+slot until its answer ends or its client goes away: every request, streamed or not, runs as an engine stream
+on one worker thread that stops at its next token once the client has left. The app talks to the engine and
+knowledge base through their public API only (``stream``, ``stream_segments``, ``search``, token counting).
 
 A one-turn request is the template's RAG prompt: instruction block, one block per passage, the question. A
 conversation is cut at its finished turns by the model's chat template (``blockrag.chat``): each finished turn
@@ -42,6 +43,7 @@ from blockrag.aio import iterate_in_thread
 from blockrag.chat import chat_rag_segments, chat_segments
 from blockrag.errors import BlockRAGError, InvalidInputError, PromptTooLongError
 from blockrag.prompt import Segment
+from blockrag.results import Generation, GenerationStream
 from blockrag.serve.protocol import (
     APIError,
     ChatRequest,
@@ -129,6 +131,9 @@ class Slots:
 
 @dataclass
 class Counters:
+    """What /health reports. disconnects: requests whose client went away before the answer ended (a stream
+    mid-way, or a JSON request while it was waiting or computing); their generation stopped at its next token."""
+
     requests: int = 0
     errors: int = 0
     cached_tokens: int = 0
@@ -147,9 +152,9 @@ class Plan(NamedTuple):
 
 
 class Answer(NamedTuple):
-    """What the engine returned (a Generation, or a GenerationStream not yet run), its sources and layout."""
+    """A request's generation, not yet run (a GenerationStream), its sources and layout."""
 
-    result: Any
+    stream: GenerationStream
     sources: list[dict[str, Any]]
     layout: Layout
 
@@ -221,16 +226,8 @@ class Service:
         return dict(mode=req.mode, max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                     seed=req.seed, stop=req.stop)
 
-    def generate(self, req: ChatRequest) -> Answer:
-        plan = self.plan(req)
-        if plan.segments is not None:
-            generation = self.engine.generate_segments(plan.segments, **self._sampling(req))
-        else:
-            generation = self.engine.generate(plan.passages, req.question, instruction=req.instruction,
-                                              **self._sampling(req))
-        return Answer(generation, _with_cache_flags(plan.sources, generation), plan.layout)
-
-    def start_stream(self, req: ChatRequest) -> Answer:
+    def start(self, req: ChatRequest) -> Answer:
+        """The request's prompt built and checked (errors raised here); the model runs as the stream is read."""
         plan = self.plan(req)
         if plan.segments is not None:
             stream = self.engine.stream_segments(plan.segments, **self._sampling(req))
@@ -315,10 +312,8 @@ def create_app(engine, config: ServeConfig, kb=None) -> FastAPI:
     async def run_engine(fn, *args):
         try:
             return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-        except PromptTooLongError as e:
-            raise bad(str(e), param="messages", code="context_length_exceeded") from None
         except BlockRAGError as e:
-            raise bad(str(e)) from None
+            raise _bad_input(e) from None
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
@@ -386,7 +381,7 @@ def create_app(engine, config: ServeConfig, kb=None) -> FastAPI:
             counters.requests += 1
             ident, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
             if req.stream:
-                answer = await run_engine(service.start_stream, req)
+                answer = await run_engine(service.start, req)
                 started: list[bool] = []
                 events = _stream_events(answer, req, ident, now, release, counters, started)
 
@@ -399,8 +394,17 @@ def create_app(engine, config: ServeConfig, kb=None) -> FastAPI:
                 return StreamingResponse(events, media_type="text/event-stream",
                                          background=BackgroundTask(release_unstarted),
                                          headers={**worker, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            generation, sources, layout = await run_engine(service.generate, req)
+            # NOTE: a client that gave up while queued costs nothing; one that leaves later stops the generation
+            generation = None
+            if not await request.is_disconnected():
+                answer = await run_engine(service.start, req)
+                generation = await _run_while_connected(answer.stream, request)
+            if generation is None:
+                counters.disconnects += 1
+                logger.info("request %s: client went away; generation stopped, slot freed", ident)
+                return Response(status_code=499, headers=worker)  # nginx's "client closed request"; nobody reads it
             _count(counters, generation.usage)
+            sources, layout = _with_cache_flags(answer.sources, generation), answer.layout
             return JSONResponse({
                 "id": ident, "object": "chat.completion", "created": now, "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text},
@@ -413,6 +417,30 @@ def create_app(engine, config: ServeConfig, kb=None) -> FastAPI:
                 release()
 
     return app
+
+
+def _bad_input(error: BlockRAGError) -> APIError:
+    if isinstance(error, PromptTooLongError):
+        return bad(str(error), param="messages", code="context_length_exceeded")
+    return bad(str(error))
+
+
+async def _run_while_connected(stream: GenerationStream, request: Request) -> Generation | None:
+    """Run a generation to its end on a worker thread; None if the client went away first.
+
+    The same mechanism as a stream's (``iterate_in_thread``): the client is checked after every text delta, and
+    closing the iteration stops the generation at its next token, after which the slot can be released.
+    """
+    deltas = iterate_in_thread(lambda: iter(stream))
+    try:
+        async for _ in deltas:
+            if await request.is_disconnected():
+                return None
+    except BlockRAGError as e:
+        raise _bad_input(e) from None
+    finally:
+        await deltas.aclose()
+    return stream.result
 
 
 def _count(counters: Counters, usage) -> None:
@@ -433,7 +461,7 @@ async def _stream_events(answer: Answer, req: ChatRequest, ident: str, created: 
         return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": req.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
 
-    stream, sources = answer.result, answer.sources
+    stream, sources = answer.stream, answer.sources
     finished = False
     tokens = iterate_in_thread(lambda: iter(stream))
     try:
