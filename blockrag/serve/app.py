@@ -188,6 +188,10 @@ class Service:
         question, through ``engine.generate`` / ``stream``)."""
         if not req.history:
             return "rag", None
+        if req.recompute is not None:
+            # NOTE: selective recompute re-encodes tokens of a passages-and-question prompt; segment prompts have
+            # no recompute path, so a conversation asking for it is laid out the folded way.
+            return "folded", None
         messages = [{"role": role, "content": text} for role, text in req.history]
         messages.append({"role": "user", "content": req.query})
         tokenizer = self.engine.tokenizer
@@ -233,7 +237,7 @@ class Service:
             stream = self.engine.stream_segments(plan.segments, **self._sampling(req))
         else:
             stream = self.engine.stream(plan.passages, req.question, instruction=req.instruction,
-                                        **self._sampling(req))
+                                        recompute=req.recompute, **self._sampling(req))
         return Answer(stream, plan.sources, plan.layout)
 
 

@@ -9,6 +9,8 @@ Extra request fields (sent by clients through ``extra_body``):
     documents: [{"title": str, "text": str}, ...]   passages to answer from, each a cached KV block
     rag: {"k": int}                                  retrieve k passages from the server's knowledge base
     mode: "block" | "full"                           cached blocks (default) or one ordinary prefill
+    recompute: str                                   block mode: context tokens re-encoded with full attention
+                                                     ("recommended", "first:8", "deviation:0.2", ...)
 
 A conversation (earlier user / assistant / tool messages before the last user message) keeps its turns in
 ``ChatRequest.history``; the app lays them out as cached blocks (``Layout``).
@@ -100,6 +102,7 @@ class ChatRequest:
     documents: tuple[Document, ...]
     rag_k: int | None
     mode: Literal["block", "full"]
+    recompute: str | None
     stream: bool
     include_usage: bool
     max_tokens: int
@@ -289,6 +292,17 @@ def parse_chat_request(body: dict[str, Any], limits: Limits) -> ChatRequest:
     mode = _get(body, "mode", (str,), "block", "'block' or 'full'")
     if mode not in ("block", "full"):
         raise bad(f"expected mode 'block' or 'full', found {mode!r}", param="mode")
+    recompute = _get(body, "recompute", (str,), None, "a selection such as 'recommended' or 'first:8'")
+    if recompute is not None:
+        from blockrag.errors import InvalidInputError
+        from blockrag.recompute import Recompute
+
+        try:
+            Recompute.parse(recompute)
+        except InvalidInputError as e:
+            raise bad(str(e), param="recompute") from None
+        if mode != "block":
+            raise bad(f"expected recompute only with mode 'block', found mode {mode!r}", param="recompute")
     stream = _get(body, "stream", (bool,), False, "a boolean")
     options = _get(body, "stream_options", (dict,), {}, "an object")
     include_usage = _get(options, "include_usage", (bool,), False, "a boolean")
@@ -310,9 +324,9 @@ def parse_chat_request(body: dict[str, Any], limits: Limits) -> ChatRequest:
     if n != 1:
         raise bad(f"expected n = 1 (one choice per request), found {n}", param="n")
     return ChatRequest(model=model, question=question, query=query, instruction=instruction, history=history,
-                       documents=documents,
-                       rag_k=rag_k, mode=mode, stream=stream, include_usage=include_usage, max_tokens=max_tokens,
-                       temperature=temperature, top_p=top_p, seed=seed, stop=_stop(body))
+                       documents=documents, rag_k=rag_k, mode=mode, recompute=recompute, stream=stream,
+                       include_usage=include_usage, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                       seed=seed, stop=_stop(body))
 
 
 def usage_json(usage) -> dict[str, Any]:
@@ -334,5 +348,6 @@ def timing_json(usage, mode: str, layout: Layout) -> dict[str, Any]:
         "cached_tokens": usage.cached_tokens,
         "encoded_tokens": usage.encoded_tokens,
         "prefilled_tokens": usage.prefilled_tokens,
+        "recomputed_tokens": usage.recomputed_tokens,
         "decode_tokens_per_s": round(usage.decode_tokens_per_s, 2),
     }
