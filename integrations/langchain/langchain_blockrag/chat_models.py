@@ -192,7 +192,8 @@ class ChatBlockRAG(BaseChatModel):
     """"block": cached passage blocks, only the final block prefilled; "full": one ordinary prefill."""
     recompute: str | None = None
     """Block mode: context tokens to re-encode with full attention at question time (training-free recovery for
-    models never block fine-tuned), e.g. "first:8" or "query:0.1"; see `blockrag.recompute`. None: plain block."""
+    models never block fine-tuned): "recommended" (the measured best, deviation:0.2), or a selection such as
+    "first:8" or "query:0.1"; see `blockrag.recompute`. None: plain block."""
     max_tokens: int = 256
     """Most tokens to generate."""
     temperature: float = 0.0

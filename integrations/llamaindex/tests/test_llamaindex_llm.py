@@ -187,3 +187,8 @@ def test_recompute_field_and_kwarg_recover_full_mode_answers():
     assert recovered.text == full.text and recovered.raw["usage"]["recomputed_tokens"] > 0
     plain = BlockRAGLLM(engine=engine, max_new_tokens=8).complete("When?", passages=PASSAGES, recompute="first:2")
     assert plain.raw["usage"]["recomputed_tokens"] == 2 * len(PASSAGES)
+    named = BlockRAGLLM(engine=engine, max_new_tokens=8, recompute="recommended").complete("When?", passages=PASSAGES)
+    spelled = BlockRAGLLM(engine=engine, max_new_tokens=8).complete("When?", passages=PASSAGES,
+                                                                      recompute="deviation:0.2")
+    assert named.text == spelled.text
+    assert named.raw["usage"]["recomputed_tokens"] == spelled.raw["usage"]["recomputed_tokens"] > 0

@@ -72,7 +72,8 @@ class BlockRAGLLM(CustomLLM):
     mode: Literal["block", "full"] = Field(default="block", description="'block' (cached passages) or 'full'.")
     recompute: str | None = Field(default=None, description=(
         "Block mode: context tokens re-encoded with full attention at question time (training-free recovery), "
-        "e.g. 'first:8' or 'query:0.1'; see blockrag.recompute. None: plain block mode."))
+        "'recommended' (the measured best, deviation:0.2) or a selection such as 'first:8'; see "
+        "blockrag.recompute. None: plain block mode."))
     max_new_tokens: int = Field(default=256, gt=0, description="Most tokens to generate.")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
