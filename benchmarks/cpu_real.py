@@ -44,6 +44,9 @@ sys.path.insert(0, str(ROOT))
 from blockrag import BlockEngine, Passage  # noqa: E402
 from blockrag.models import DEFAULT_MODEL, load, resolve  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_block_ttft import profile_pass  # noqa: E402  (one profile of a block pass for both benchmarks)
+
 DATA = ROOT / "examples" / "data" / "calder_fell"
 QUESTION = "How long is Skelwith Tunnel, and why is work inside it done only in winter?"
 OTHER_QUESTION = "How much is a family ticket?"
@@ -99,43 +102,6 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def block_breakdown(engine: BlockEngine, blocks, question: str) -> dict:
-    """Where one block-mode prefill's time goes (torch.profiler, CPU): assembly, attention, GEMMs, rest."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    import blockrag.engine as engine_module
-
-    original = engine_module.assemble_cache
-
-    def traced(*args, **kwargs):
-        with record_function("blockrag.assemble"):
-            return original(*args, **kwargs)
-
-    engine_module.assemble_cache = traced
-    try:
-        engine.prefill(blocks, question)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            engine.prefill(blocks, question)
-            wall = time.perf_counter() - start
-    finally:
-        engine_module.assemble_cache = original
-    # NOTE: self CPU time of the leaf ops, grouped; "assembly" is the whole traced region (its ops included).
-    events = prof.key_averages()
-    total_self = sum(e.self_cpu_time_total for e in events) / 1e3
-    assembly = next((e.cpu_time_total for e in events if e.key == "blockrag.assemble"), 0) / 1e3
-    groups = {"attention": ("scaled_dot_product", "_flash_attention", "softmax", "bmm", "baddbmm"),
-              "gemm": ("aten::addmm", "aten::mm", "aten::matmul", "aten::linear")}
-    sums = dict.fromkeys(groups, 0.0)
-    for e in events:
-        for name, keys in groups.items():
-            if any(k in e.key for k in keys):
-                sums[name] += e.self_cpu_time_total / 1e3
-    forward = max(total_self - assembly, 0.0)
-    return {"profiled_wall_ms": wall * 1e3, "assembly_ms": assembly, "attention_ms": sums["attention"],
-            "gemm_ms": sums["gemm"], "other_forward_ms": max(forward - sums["attention"] - sums["gemm"], 0.0)}
 
 
 def llama_model(gguf_path: Path, threads: int, n_ctx: int):
@@ -203,7 +169,7 @@ def run(args) -> dict:
             row["llama_cached_prefilled"] = len(ids) - shared
             row["speedup_vs_llama_full"] = row["llama_full_ms"] / row["block_ms"]
         row["speedup_vs_torch_full"] = row["torch_full_ms"] / row["block_ms"]
-        row["breakdown"] = block_breakdown(engine, blocks, QUESTION)
+        row["breakdown"] = profile_pass(engine, blocks, QUESTION)
         row["load_avg_after"] = load_average()
         rows.append(row)
         print(json.dumps(row), flush=True)
