@@ -626,11 +626,13 @@ def end_of_turn_id(tokenizer) -> int | None:
     one special token; None without a chat template or when the template ends a turn with plain text."""
     if not getattr(tokenizer, "chat_template", None):
         return None
+    from jinja2 import TemplateError
+
     marker = "Answer1234"
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": "Question"},
                                               {"role": "assistant", "content": marker}], tokenize=False)
-    except Exception:  # noqa: BLE001 - a template that cannot render this conversation tells us nothing
+    except (TemplateError, ValueError, TypeError, KeyError):  # a template that cannot render this tells nothing
         return None
     if not isinstance(text, str) or marker not in text:
         return None
