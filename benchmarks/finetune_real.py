@@ -309,6 +309,7 @@ def run_gpu(args, preset: dict, out: Path, report: dict) -> None:
     log(f"{steps} steps per run (one epoch: {epoch})")
     catalogue = {  # name: ratio, objective, lora, lr, eval modes, step cost relative to LoRA 1:1
         "lora": ("1:1", "answer", True, preset["lora_lr"], EVAL_MODES, 1.0),
+        "lora_block": ("1:0", "answer", True, preset["lora_lr"], ("full", "block"), 0.6),
         "control": ("0:1", "answer", True, preset["lora_lr"], ("full", "block"), 0.6),
         "distill": ("1:1", "distill", True, preset["lora_lr"], ("full", "block"), 1.4),
         "full_ft": ("1:1", "answer", False, preset["full_lr"], EVAL_MODES, 0.72),
@@ -317,6 +318,7 @@ def run_gpu(args, preset: dict, out: Path, report: dict) -> None:
     lora_step_s, eval_mode_s = None, None
     for name in args.runs.split(","):
         ratio, objective, lora, lr, modes, cost = catalogue[name]
+        modes = tuple(m for m in modes if m in args.modes.split(","))
         left = deadline - time.perf_counter()
         if lora_step_s is not None and eval_mode_s is not None:
             estimate = steps * lora_step_s * cost + eval_mode_s * len(modes)
@@ -424,6 +426,8 @@ ROWS = [("base", "full", "base, full attention"), ("base", "block", "base, block
         ("base", "block_no_pos", "base, block, no re-encoding"),
         ("lora", "full", "block-FT (LoRA), full"), ("lora", "block", "block-FT (LoRA), block"),
         ("lora", "block_no_pos", "block-FT (LoRA), block, no re-encoding"),
+        ("lora_block", "full", "block-FT (LoRA, block copies only), full"),
+        ("lora_block", "block", "block-FT (LoRA, block copies only), block"),
         ("control", "full", "control (full copies only), full"), ("control", "block", "control, block"),
         ("full_ft", "full", "block-FT (full FT), full"), ("full_ft", "block", "block-FT (full FT), block"),
         ("full_ft", "block_no_pos", "block-FT (full FT), block, no re-encoding"),
@@ -514,7 +518,7 @@ def intervals(args) -> int:
     return 0
 
 
-RUNS = ("lora", "control", "distill", "full_ft")
+RUNS = ("lora", "lora_block", "control", "distill", "full_ft")
 
 
 def run(args) -> int:
@@ -571,10 +575,12 @@ def main(argv=None) -> int:
                                                  "control; default 1:1)")
     r.add_argument("--time-limit-s", type=float, default=480.0,
                    help="skip the runs that would not finish within this many seconds of the start")
+    r.add_argument("--modes", default=",".join(EVAL_MODES),
+                   help="the evaluation modes of the fine-tuned runs, of " + ",".join(EVAL_MODES))
     r.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the preset's; "
                                                            "gpu: one epoch)")
     r.add_argument("--runs", default="lora,control,distill,full_ft",
-                   help="which runs, in this order (lora, control, distill, full_ft)")
+                   help="which runs, in this order (of " + ",".join(RUNS) + ")")
     t = sub.add_parser("intervals", help="accuracy with 95%% bootstrap intervals from predictions.jsonl files")
     t.add_argument("predictions", nargs="+", help="predictions.jsonl files written by run")
     t.add_argument("--replicates", type=int, default=2000)
