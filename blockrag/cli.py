@@ -4,10 +4,12 @@
     blockrag ask "What is ...?" --kb kb/ --stream
     blockrag kb stats --kb kb/
     blockrag kb delete DOC_ID --kb kb/
+    blockrag bench --sizes 1024,2048,4096 --out bench/
 
 ``--model tiny-random`` builds a tiny random Llama (no download; answers are noise) for trying the pipeline
-offline. ``finetune``, ``eval`` and ``serve`` are defined in ``blockrag.train.cli``, ``blockrag.eval.cli`` and
-``blockrag.serve.cli`` (each with ``add_parser(subparsers)`` and ``run(args) -> int``) and registered here: this
+offline. ``finetune``, ``eval``, ``serve`` and ``bench`` (block vs full mode time to first token on this
+machine) are defined in ``blockrag.train.cli``, ``blockrag.eval.cli``, ``blockrag.serve.cli`` and
+``blockrag.bench.cli`` (each with ``add_parser(subparsers)`` and ``run(args) -> int``) and registered here: this
 is the one ``main``.
 """
 
@@ -26,7 +28,7 @@ from blockrag.models import DEFAULT_MODEL, TINY_NOTE, TINY_PREFIX, is_tiny  # no
 
 OWN_COMMANDS = ("ingest", "ask", "chat", "kb")
 # Subcommands defined next to the code they run; each module has add_parser(subparsers) and run(args) -> int.
-SUBCOMMANDS = ("finetune", "eval", "serve")
+SUBCOMMANDS = ("finetune", "eval", "serve", "bench")
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -185,6 +187,8 @@ def _subcommand(name: str):
         from blockrag.train import cli as module
     elif name == "eval":
         from blockrag.eval import cli as module
+    elif name == "bench":
+        from blockrag.bench import cli as module
     else:
         from blockrag.serve import cli as module
     return module

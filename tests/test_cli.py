@@ -168,15 +168,16 @@ def test_clear_errors(tmp_path, capsys):
 
 
 def test_subcommands_are_registered_explicitly_and_imported_only_when_asked():
-    """One ``main``: finetune, eval and serve are registered by blockrag.cli, each module imported only for its
-    own command (or for the full help), never for blockrag's own commands."""
-    assert cli.SUBCOMMANDS == ("finetune", "eval", "serve")
+    """One ``main``: finetune, eval, serve and bench are registered by blockrag.cli, each module imported only for
+    its own command (or for the full help), never for blockrag's own commands."""
+    assert cli.SUBCOMMANDS == ("finetune", "eval", "serve", "bench")
     assert cli.build_parser(["ask", "q?"])[1] == {}
     assert set(cli.build_parser(["eval"])[1]) == {"eval"}
     parser, runners = cli.build_parser([])
-    assert set(runners) == {"finetune", "eval", "serve"}
+    assert set(runners) == {"finetune", "eval", "serve", "bench"}
+    assert set(cli.build_parser(["bench"])[1]) == {"bench"}
     usage = parser.format_help()
-    assert all(name in usage for name in ("ingest", "ask", "chat", "kb", "finetune", "eval", "serve"))
+    assert all(name in usage for name in ("ingest", "ask", "chat", "kb", "finetune", "eval", "serve", "bench"))
 
 
 def blockrag(*argv, cwd=None, stdin=None) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ lower one, never of a higher one:
     1 core     rope, masks, template, kv, results, prompt, decode, encoder, assemble, attention, graphs
     2 store    store.*                                         (kv never imports store)
     3 engine   engine, blocks (the block source), testing, every other top-level module, the ``blockrag`` facade
-    4 apps     index.*, train.*, eval.*, tasks.*
+    4 apps     index.*, train.*, eval.*, tasks.*, bench.*
     5 entry    cli, *.cli, __main__, serve.*                   (nothing below imports a CLI or the server)
 
 and on top of the layers:
@@ -34,7 +34,7 @@ PACKAGE = ROOT / "blockrag"
 
 LEAVES = {"errors", "fp8", "atomic", "hf", "aio", "kernels"}
 CORE = {"rope", "masks", "template", "kv", "results", "prompt", "decode", "encoder", "assemble", "attention", "graphs"}
-APPS = ("index", "train", "eval", "tasks")
+APPS = ("index", "train", "eval", "tasks", "bench")
 INTEGRATIONS = ("langchain_blockrag", "llama_index")
 
 
