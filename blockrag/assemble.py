@@ -5,23 +5,29 @@ block and the tokens to be generated, so neither the prefill nor decoding re-con
 ``blockrag.hf.buffer_cache`` wraps it as the cache the model takes.
 
 Three ways to fill the buffer, same result:
-* eager (CPU, or no triton): rotate each block with ``rope.rotate_keys`` and copy it in;
+* eager (CPU, or no triton): rotate each block straight into its slots (``rope.rotate_keys_into``);
 * device-resident blocks on CUDA: one Triton pass gathers all blocks and rotates keys on the way;
 * host-resident blocks on CUDA (pinned memory; device-resident ones may be mixed in): copies run on a
   side stream, group of layers by group, while earlier layers compute; each layer is gathered and rotated
   on the GPU right before its first use.
+
+On the CPU the first token needs no buffer filled at all (``context_cache``): the final block's attention
+reads every block where it is stored, rotating the query instead of the keys (``blockrag.attention.BlockContext``),
+and the buffer's context slots are filled layer by layer only if decoding follows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from blockrag.attention import BlockContext
 from blockrag.hf import KVCache, buffer_cache
 from blockrag.kv import KVBlock, same_device
-from blockrag.rope import RopeSpec, rotate_keys
+from blockrag.rope import RopeSpec, rotate_keys_into, rotation_cos_sin
 
 
 def block_offsets(blocks: Sequence[KVBlock]) -> list[int]:
@@ -123,12 +129,71 @@ def assemble_cache(
     elif path == "host":
         ready = _copy_from_host(blocks, offsets, deltas, rope, keys, values)
     else:
-        for block, offset, delta in zip(blocks, offsets, deltas):
-            block = block.to(device).dequantize(dtype)
-            k = block.keys
-            keys[:, 0, :, offset : offset + block.num_tokens] = rotate_keys(k, delta, rope.inv_freq) if delta else k
-            values[:, 0, :, offset : offset + block.num_tokens] = block.values
+        _fill_eager(blocks, offsets, deltas, rope, dtype, keys[:, 0], values[:, 0])
     return buffer_cache(config, keys, values, total, ready), total
+
+
+def _fill_eager(blocks: Sequence[KVBlock], offsets: Sequence[int], deltas: Sequence[int], rope: RopeSpec,
+                dtype: torch.dtype, keys: Tensor, values: Tensor, layer: int | None = None) -> None:
+    """Write every block into (L, H, cap, D) buffers (or, with ``layer``, that layer into (H, cap, D) ones)."""
+    for block, offset, delta in zip(blocks, offsets, deltas):
+        block = block.to(keys.device).dequantize(dtype)
+        k, v = (block.keys, block.values) if layer is None else (block.keys[layer], block.values[layer])
+        slots = slice(offset, offset + block.num_tokens)
+        if delta:
+            rotate_keys_into(keys[..., slots, :], k, delta, rope.inv_freq)
+        else:
+            keys[..., slots, :] = k
+        values[..., slots, :] = v
+
+
+class ContextCache(NamedTuple):
+    """``context_cache``'s result: the cache, the position after the context, what the attention reads."""
+
+    cache: KVCache
+    next_position: int
+    context: BlockContext
+
+
+def reads_in_place(blocks: Sequence[KVBlock], device: torch.device, dtype: torch.dtype) -> bool:
+    """``context_cache`` applies: CPU blocks of the engine's dtype (not fp8), keys and values of one head dim."""
+    return device.type == "cpu" and bool(blocks) and all(
+        b.device.type == "cpu" and not b.quantized and b.dtype == dtype and b.keys.shape[-1] == b.values.shape[-1]
+        for b in blocks)
+
+
+def context_cache(blocks: Sequence[KVBlock], rope: RopeSpec, config, *, reencode: bool = True,
+                  capacity: int = 0) -> ContextCache:
+    """A cache for a final block whose attention reads the blocks in place (see ``reads_in_place``).
+
+    The buffer is allocated but its context slots stay empty through the prefill: the forward must get
+    ``context`` (the ``blockrag_blocks`` keyword of ``blockrag.attention``). Each layer's slots are filled
+    (rotated, as ``assemble_cache`` does) before that layer's next update, i.e. only if decoding follows.
+
+    Args:
+        blocks: KVBlocks with (L, H, T_i, D) tensors on the CPU.
+        rope, config, reencode, capacity: as in ``assemble_cache``.
+    """
+    offsets = block_offsets(blocks)
+    total = offsets[-1] + blocks[-1].num_tokens
+    deltas = offsets if reencode else [0] * len(blocks)
+    layers, heads, _, dim = blocks[0].keys.shape
+    dtype = blocks[0].dtype
+    # NOTE: untouched pages of a fresh buffer cost nothing: the prefill writes only the final block's slots.
+    keys = torch.empty(layers, 1, heads, total + capacity, dim, dtype=dtype)
+    values = torch.empty(layers, 1, heads, total + capacity, dim, dtype=dtype)
+
+    def filler(layer: int):
+        def fill(layer_keys: Tensor, layer_values: Tensor) -> None:
+            _fill_eager(blocks, offsets, deltas, rope, dtype, layer_keys[0], layer_values[0], layer=layer)
+        return fill
+
+    cache = buffer_cache(config, keys, values, total, before_reuse=[filler(i) for i in range(layers)])
+    cos, sin = rotation_cos_sin(-torch.tensor(deltas), rope.inv_freq)
+    half = rope.inv_freq.numel()
+    context = BlockContext(tuple(b.keys for b in blocks), tuple(b.values for b in blocks),
+                           cos[:, :half].contiguous(), sin[:, :half].contiguous())
+    return ContextCache(cache, total, context)
 
 
 def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callable[[], None]]:

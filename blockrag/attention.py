@@ -10,13 +10,17 @@ Here the two parts are computed separately and merged by log-sum-exp:
   hundred query rows still fill the GPU;
 * final block: a small causal attention over q keys.
 
+On the CPU the context can also be read where the cached blocks are (``BlockContext``): no assembled copy, no
+rotation of cached keys; the query is rotated back by each block's offset instead, and the blocks' partial
+results are merged like the chunks above.
+
 Registered with transformers as attention implementation ``"blockrag"``; the engine switches a model to it
 only for the duration of its own calls (batch 1, no padding, where the mask is bottom-right causal).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +146,82 @@ def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: floa
     return merge_partials(torch.cat([*outs, tail_out]), torch.cat([*lses, tail_lse]))[None]
 
 
+# --- context read in place: cached blocks at their own positions, the query rotated per block --------
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """The cached blocks a final block attends to, read where they are stored (never written).
+
+    RoPE scores depend only on the rotation between a query and a key: q . R(delta) k = (R(-delta) q) . k.
+    So block i keeps its keys at positions 0..T_i-1 and each layer rotates its (Hq, q, D) query by -delta_i,
+    instead of rotating (Hkv, T_i, D) keys into a new buffer.
+
+    Attributes:
+        keys, values: per block, (L, H, T_i, D) keys (after RoPE at 0..T_i-1) and values.
+        cos, sin: (P, R/2) float32 cos and sin of -delta_i * inv_freq, one row per block.
+        layers_read: the layers whose attention read the blocks (filled by ``attention_forward``); a model
+            whose decoder layers drop keyword arguments never gets there, see ``read_by_every_layer``.
+    """
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    cos: Tensor
+    sin: Tensor
+    layers_read: set[int] = field(default_factory=set)
+
+    def read_by_every_layer(self) -> bool:
+        return len(self.layers_read) == self.keys[0].shape[0]
+
+
+def rotate_queries(query: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """One copy of the query per block, each rotated by that block's angles (rotate-half layout).
+
+    Args:
+        query: (1, Hq, q, D) queries after RoPE at their positions.
+        cos, sin: (P, R/2) float32, R <= D rotary dims; dims R..D pass through.
+
+    Returns:
+        (P, Hq, q, D) in the query's dtype.
+    """
+    half = cos.shape[-1]
+    q = query[0].float()
+    cos, sin = cos[:, None, None, :].to(q.device), sin[:, None, None, :].to(q.device)
+    x1, x2 = q[..., :half], q[..., half : 2 * half]
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if 2 * half < q.shape[-1]:
+        parts.append(q[..., 2 * half :].expand(cos.shape[0], *q.shape[:-1], q.shape[-1] - 2 * half))
+    return torch.cat(parts, dim=-1).to(query.dtype)
+
+
+def block_context_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, context: BlockContext,
+                            layer: int) -> Tensor:
+    """Attention of a final block over blocks read in place, then causally over its own keys.
+
+    Args:
+        query: (1, Hq, q, D).
+        key, value: (1, Hkv, N, D); only the last q slots are read (the final block's own keys).
+        context: the blocks (``layer`` of each is read).
+
+    Returns:
+        (1, Hq, q, D).
+    """
+    _, q_heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = q_heads // kv_heads
+    rotated = rotate_queries(query, context.cos, context.sin)
+    folded = rotated.reshape(-1, kv_heads, groups * q_len, dim)  # heads of one KV group become rows
+    outs, lses = [], []
+    for i, (keys, values) in enumerate(zip(context.keys, context.values)):
+        out, lse = _attend(folded[i : i + 1], keys[layer][None], values[layer][None], scale, causal=False)
+        outs.append(out.reshape(1, q_heads, q_len, dim))
+        lses.append(lse.reshape(1, q_heads, q_len))
+    tail_k = key[:, :, -q_len:].repeat_interleave(groups, dim=1)
+    tail_v = value[:, :, -q_len:].repeat_interleave(groups, dim=1)
+    tail_out, tail_lse = _attend(query, tail_k, tail_v, scale, causal=True)
+    return merge_partials(torch.cat([*outs, tail_out]), torch.cat([*lses, tail_lse]))[None]
+
+
 # --- inside a captured CUDA graph (blockrag.graphs): lengths come from device tensors ---------------
 
 
@@ -200,6 +280,13 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     if graph_state is not None:  # inside a captured final-block forward (blockrag.graphs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return graph_attention(query, key, value, scale, graph_state).transpose(1, 2).contiguous(), None
+    context = kwargs.get("blockrag_blocks")
+    if context is not None:  # a final block over cached blocks read in place (blockrag.assemble.context_cache)
+        assert query.shape[0] == 1 and not dropout, "a block context serves one sequence, without dropout"
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = block_context_attention(query, key, value, scale, context, module.layer_idx)
+        context.layers_read.add(module.layer_idx)
+        return out.transpose(1, 2).contiguous(), None
     if query.shape[0] != 1 or dropout or key.shape[-1] != value.shape[-1]:
         return sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -20,12 +20,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from blockrag.assemble import assemble_cache
+from blockrag.assemble import assemble_cache, context_cache, reads_in_place
 from blockrag.blocks import BlockSource
 from blockrag.decode import SamplingParams, decode_loop, eos_ids, sync
 from blockrag.encoder import BlockEncoder
 from blockrag.errors import InvalidInputError
-from blockrag.hf import AttentionSwitch, forward
+from blockrag.hf import AttentionSwitch, attention_implementation, forward
 from blockrag.kv import KVBlock, block_key, check_block, model_fingerprint
 from blockrag.prompt import PassageLike, Prompt, PromptBuilder, Segment
 from blockrag.results import BlockInfo, Generation, GenerationStream, PrefillResult, Usage
@@ -54,7 +54,8 @@ class BlockEngine:
         verify_rope: at construction, check on a short probe that rotating cached keys reproduces
             keys encoded at the shifted positions; refuse the model if not.
         fast_attention: run the engine's own forward passes with ``blockrag.attention`` (GQA-native,
-            flash kernels, split context). None: on CUDA with 16-bit weights. The model's configured
+            flash kernels, split context; on the CPU it reads cached blocks in place). None: on CUDA with
+            16-bit weights, and on the CPU for a model configured with "sdpa". The model's configured
             attention is restored after every call.
         assemble_path: force how cached blocks are assembled ("eager", "gpu", "host"); None picks the
             fastest that applies (see ``blockrag.assemble.fast_path``). For benchmarks and debugging.
@@ -76,8 +77,10 @@ class BlockEngine:
         self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.eos_ids = eos_ids(model, tokenizer)
         if fast_attention is None:
-            fast_attention = self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+            fast_attention = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)) or (
+                self.device.type == "cpu" and attention_implementation(model) == "sdpa")
         self.fast_attention = fast_attention
+        self._in_place = fast_attention  # read CPU blocks in place (until a model shows it cannot, see _prefill)
         self.assemble_path = assemble_path
         attention_name = None
         if fast_attention:
@@ -245,24 +248,37 @@ class BlockEngine:
         blocks, found = self.blocks.for_prompt(prompt) if mode == "block" else ([], [])
         # 1. the context: cached blocks rotated into one cache (block mode), or nothing (full mode)
         feed, cache, next_pos, release = (prompt.final_ids if mode == "block" else input_ids), None, 0, _nothing
+        attention_kwargs = {}
         graphed = self.graphs.try_prefill(blocks, feed, self.rope, reencode, device, self._attention) if (
             self.graphs is not None and recompute is None) else None
         if graphed is not None:
             logits, cache, release = graphed
             next_pos = sum(b.num_tokens for b in blocks)
+        elif blocks and self._in_place and self.assemble_path is None and recompute is None and reads_in_place(
+                blocks, device, self.dtype):  # no copy of the context before the first token (assemble.context_cache)
+            cache, next_pos, context = context_cache(blocks, self.rope, self.model.config, reencode=reencode,
+                                                     capacity=len(feed) + new_tokens)
+            attention_kwargs = {"blockrag_blocks": context}
         elif blocks:
-            cache, next_pos = assemble_cache(blocks, self.rope, self.model.config, device, reencode=reencode,
-                                             capacity=len(feed) + new_tokens, path=self.assemble_path,
-                                             dtype=self.dtype)
+            cache, next_pos = self._assemble(blocks, reencode, len(feed) + new_tokens)
         # 2. the final block (everything in full mode), prefilled over it; with recompute, chosen context tokens too
         positions = torch.arange(next_pos, next_pos + len(feed), device=device)
         recomputed = 0
         if recompute is not None and blocks:
             logits, cache, recomputed = self._recompute(recompute, blocks, cache, feed, new_tokens, prompt.warnings)
         elif graphed is None:
+            ids = torch.tensor([feed], device=device)
             with self._attention:
-                logits, cache = forward(self.model, torch.tensor([feed], device=device), position_ids=positions[None],
-                                        cache=cache, logits_to_keep=1)
+                logits, cache = forward(self.model, ids, position_ids=positions[None], cache=cache, logits_to_keep=1,
+                                        **attention_kwargs)
+            if attention_kwargs and not attention_kwargs["blockrag_blocks"].read_by_every_layer():
+                # NOTE: this model's decoder layers do not pass keyword arguments on to attention (e.g. StableLM),
+                # so the blocks were never read: prefill again over assembled blocks, and assemble from now on.
+                self._in_place = False
+                cache, _ = self._assemble(blocks, reencode, len(feed) + new_tokens)
+                with self._attention:
+                    logits, cache = forward(self.model, ids, position_ids=positions[None], cache=cache,
+                                            logits_to_keep=1)
             logits = logits[0, -1].float()
         try:
             sync(device)
@@ -285,6 +301,10 @@ class BlockEngine:
             raise
         return result, cache, (logits, next_pos + len(feed), start, release)
 
+    def _assemble(self, blocks: list[KVBlock], reencode: bool, capacity: int):
+        return assemble_cache(blocks, self.rope, self.model.config, self.device, reencode=reencode, capacity=capacity,
+                              path=self.assemble_path, dtype=self.dtype)
+
     def _recompute_spec(self, recompute, mode: str, reencode: bool):
         if recompute is None:
             return None
@@ -303,7 +323,7 @@ class BlockEngine:
 
         # NOTE: the fast paths assume a bottom-right causal final block; a recompute pass needs an explicit mask,
         # so it runs with the model's own attention (sdpa or eager) and without CUDA-graph replay.
-        if self.graphs is not None or self.fast_attention:
+        if self.graphs is not None or (self.fast_attention and self.device.type == "cuda"):
             warnings.append("selective recompute ran with the model's own attention, not the fast attention or "
                             "CUDA graphs (they assume a bottom-right causal final block; recompute needs an explicit "
                             "mask)")

@@ -105,21 +105,30 @@ class BufferLayer(DynamicLayer):
     """A cache layer over a preallocated (1, H, cap, D) buffer: ``update`` writes in place.
 
     ``before_use`` (optional) runs once before the first update, e.g. to wait for this layer's copy.
+    ``before_reuse`` (optional) runs once before the second update, given the layer's (1, H, cap, D) key and value
+    buffers: the first update was a prefill that read the context from elsewhere (``blockrag.attention.BlockContext``),
+    so slots 0..length-1 are filled only then, by the hook; until it has run they hold no data, and only the slots
+    after them may be read.
     The buffer grows (copied into one twice as large) if more tokens arrive than it has room for.
     """
 
-    def __init__(self, keys: Tensor, values: Tensor, length: int, before_use: Callable[[], None] | None = None):
+    def __init__(self, keys: Tensor, values: Tensor, length: int, before_use: Callable[[], None] | None = None,
+                 before_reuse: Callable[[Tensor, Tensor], None] | None = None):
         super().__init__()
         self._keys_buf, self._values_buf = keys, values
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
         self.keys, self.values = keys[:, :, :length], values[:, :, :length]
-        self._before_use = before_use
+        self._before_use, self._before_reuse, self._updates = before_use, before_reuse, 0
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if self._before_use is not None:
             ready, self._before_use = self._before_use, None
             ready()
+        if self._updates == 1 and self._before_reuse is not None:
+            fill, self._before_reuse = self._before_reuse, None
+            fill(self._keys_buf, self._values_buf)
+        self._updates += 1
         start, added = self.keys.shape[-2], key_states.shape[-2]
         if start + added > self._keys_buf.shape[-2]:
             self._grow(start + added)
@@ -167,17 +176,21 @@ def cache_from_layers(config, layers: list[CacheLayer]) -> KVCache:
 
 
 def buffer_cache(config, keys: Tensor, values: Tensor, length: int,
-                 before_use: Sequence[Callable[[], None] | None] | None = None) -> KVCache:
+                 before_use: Sequence[Callable[[], None] | None] | None = None,
+                 before_reuse: Sequence[Callable[[Tensor, Tensor], None] | None] | None = None) -> KVCache:
     """A cache over (L, 1, H, cap, D) buffers whose first ``length`` slots hold the context.
 
     Args:
         config: the model config.
         keys, values: the buffers (kept, not copied); later tokens are written into slots length...
-        length: tokens already in the buffers.
+        length: tokens already in the buffers (or, with ``before_reuse``, filled before the second update).
         before_use: per layer, an optional hook run before that layer's first update.
+        before_reuse: per layer, an optional hook run before that layer's second update (see ``BufferLayer``).
     """
-    hooks = before_use if before_use is not None else [None] * keys.shape[0]
-    return cache_from_layers(config, [BufferLayer(keys[i], values[i], length, hooks[i]) for i in range(keys.shape[0])])
+    none = [None] * keys.shape[0]
+    hooks, fills = before_use or none, before_reuse or none
+    return cache_from_layers(config, [BufferLayer(keys[i], values[i], length, hooks[i], fills[i])
+                                      for i in range(keys.shape[0])])
 
 
 def slot_cache(config, keys: Tensor, values: Tensor, slots: Tensor) -> KVCache:

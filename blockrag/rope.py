@@ -187,6 +187,31 @@ def rotate_keys(keys: Tensor, delta: int | Tensor, inv_freq: Tensor) -> Tensor:
     return torch.cat((out, keys[..., rotary_dim:]), dim=-1)
 
 
+def rotate_keys_into(out: Tensor, keys: Tensor, delta: int, inv_freq: Tensor) -> None:
+    """``out[...] = rotate_keys(keys, delta, inv_freq)`` without intermediate tensors (float32 keys).
+
+    Args:
+        out: (..., T, D) destination, any strides (e.g. a block's slots in an assembled buffer).
+        keys: (..., T, D) keys at their current positions, the dtype of ``out``.
+        delta: the offset, one for all T tokens.
+        inv_freq: (R/2,) float32 inverse frequencies.
+    """
+    if keys.dtype != torch.float32:  # NOTE: 16-bit keys are rotated in float32 and rounded once, as rotate_keys does
+        out.copy_(rotate_keys(keys, delta, inv_freq))
+        return
+    cos, sin = rotation_cos_sin(torch.as_tensor(delta), inv_freq)
+    half = inv_freq.numel()
+    cos, sin = cos[:half].to(keys.device), sin[:half].to(keys.device)
+    x1, x2 = keys[..., :half], keys[..., half : 2 * half]
+    o1, o2 = out[..., :half], out[..., half : 2 * half]
+    torch.mul(x1, cos, out=o1)  # x1 cos - x2 sin
+    o1.addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2)  # x2 cos + x1 sin
+    o2.addcmul_(x1, sin)
+    if 2 * half < keys.shape[-1]:
+        out[..., 2 * half :] = keys[..., 2 * half :]
+
+
 #: Relative error the probe allows: a few roundings of the dtype, for the computation of ONE layer. Measured
 #: worst (CPU, SmolLM2-135M and the tiny test models): 3.2e-7 float32, 8.2e-4 float16, 6.1e-3 bfloat16; the
 #: broken models of tests/test_probe.py measure 0.12 (yarn scaling applied twice) and up.

@@ -54,10 +54,13 @@ def test_rotate_keys_per_token_offsets_and_bf16():
     torch.testing.assert_close(bf16.float(), rotate_keys(keys, 77, inv_freq), atol=2e-2, rtol=2e-2)
 
 
-def test_yarn_attention_scaling_is_applied_once(make_model, make_engine, tokenizer, monkeypatch):
+@pytest.mark.parametrize("in_place", [True, False], ids=["blocks-read-in-place", "assembled"])
+def test_yarn_attention_scaling_is_applied_once(in_place, make_model, make_engine, tokenizer, monkeypatch):
     """YaRN multiplies cos/sin by ``attention_scaling`` when keys are encoded, so cached keys carry it already;
     re-encoding must only rotate. Checked on the keys and on the engine's block-mode logits against the
-    block-masked reference; negative control: rotating with the scaling applied a second time is clearly off."""
+    block-masked reference, for both ways the engine re-encodes (queries rotated per block over blocks read in
+    place; keys rotated into an assembled buffer); negative control: that path's rotation with the scaling
+    applied a second time is clearly off."""
     model = make_model("yarn")
     spec = rope_spec(model)
     assert spec.rope_type == "yarn" and abs(spec.attention_scaling - 1.0) > 0.05  # a second scaling would show
@@ -67,18 +70,27 @@ def test_yarn_attention_scaling_is_applied_once(make_model, make_engine, tokeniz
     torch.testing.assert_close(moved, expected, atol=1e-5, rtol=0)
     assert (moved * spec.attention_scaling - expected).abs().max() > 1e-2
 
-    engine = make_engine("yarn")
+    engine = make_engine("yarn", fast_attention=in_place)
     passages = ["Paris is the capital of France.", "Rotary embeddings rotate keys.", "The fox jumps."]
     result = engine.prefill(passages, "Which city?")
     reference = reference_logits(engine.model, [list(b.token_ids) for b in result.blocks], result.final_ids)[-1]
     torch.testing.assert_close(result.logits, reference, atol=1e-4, rtol=0)
 
     import blockrag.assemble as assemble_module
+    import blockrag.attention as attention_module
 
-    def scaled_again(keys, delta, inv_freq):
-        return rotate_keys(keys, delta, inv_freq) * spec.attention_scaling
+    if in_place:
+        rotate_queries = attention_module.rotate_queries
 
-    monkeypatch.setattr(assemble_module, "rotate_keys", scaled_again)
+        def scaled_again(query, cos, sin):
+            return rotate_queries(query, cos, sin) * spec.attention_scaling
+
+        monkeypatch.setattr(attention_module, "rotate_queries", scaled_again)
+    else:
+        def scaled_again(out, keys, delta, inv_freq):
+            out.copy_(rotate_keys(keys, delta, inv_freq) * spec.attention_scaling)
+
+        monkeypatch.setattr(assemble_module, "rotate_keys_into", scaled_again)
     doubled = engine.prefill(passages, "Which city?")
     assert (doubled.logits - reference).abs().max() > 1e-3
 
