@@ -188,10 +188,17 @@ def rotate_queries(query: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     q = query[0].float()
     cos, sin = cos[:, None, None, :].to(q.device), sin[:, None, None, :].to(q.device)
     x1, x2 = q[..., :half], q[..., half : 2 * half]
-    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    # NOTE: written in place into one output: these small tensors are touched between attention calls that
+    # stream the context through the caches, so every temporary costs more than its size suggests.
+    out = q.new_empty(cos.shape[0], *q.shape)
+    o1, o2 = out[..., :half], out[..., half : 2 * half]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
     if 2 * half < q.shape[-1]:
-        parts.append(q[..., 2 * half :].expand(cos.shape[0], *q.shape[:-1], q.shape[-1] - 2 * half))
-    return torch.cat(parts, dim=-1).to(query.dtype)
+        out[..., 2 * half :] = q[..., 2 * half :]
+    return out.to(query.dtype)
 
 
 def block_context_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, context: BlockContext,
