@@ -20,8 +20,9 @@ Runs against an older checkout too: it uses only ``BlockEngine(model, tokenizer)
 exists, else through transformers from the same GGUF file. Run it with ``PYTHONPATH=/tmp/wt-<sha>`` to time
 that tree's blockrag; the commit printed is the one of the blockrag that was imported.
 
---profile: one extra 4K pass under torch.profiler: assembly (rotate + copy of the cached blocks), attention,
-GEMMs (linear layers incl. lm_head), the rest of the forward, and the ops that cost the most.
+--profile: one extra 4K pass under torch.profiler: assembly (rotate + copy of the cached blocks, or only the
+buffer's allocation where the CPU path reads them in place), attention, GEMMs (linear layers incl. lm_head), the
+rest of the forward, and the ops that cost the most.
 
 Prints a table and ends with one JSON line (--out also writes it to a file).
 """
@@ -138,19 +139,40 @@ GROUPS = {"attention": ("scaled_dot_product", "_flash_attention", "softmax", "at
           "gemm": ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul")}
 
 
+ASSEMBLY = "blockrag.assemble"
+
+
+def _inside(event, name: str) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == name:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def profile_pass(engine, blocks, question: str, top: int = 12) -> dict:
-    """Where one block-mode prefill's time goes (torch.profiler, CPU self times; assembly: the traced region)."""
+    """Where one block-mode prefill's time goes (torch.profiler, CPU self times).
+
+    assembly: ops inside the engine's call of ``assemble_cache`` or ``context_cache`` (blocks copied and rotated
+    into one buffer, or only the buffer allocated where the blocks are read in place); every other op is counted
+    once, in the forward's groups (attention, GEMMs, the rest).
+    """
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import blockrag.engine as engine_module
 
-    original = engine_module.assemble_cache
+    originals = {name: getattr(engine_module, name) for name in ("assemble_cache", "context_cache")
+                 if hasattr(engine_module, name)}
 
-    def traced(*args, **kwargs):
-        with record_function("blockrag.assemble"):
-            return original(*args, **kwargs)
+    def traced(original):
+        def call(*args, **kwargs):
+            with record_function(ASSEMBLY):
+                return original(*args, **kwargs)
+        return call
 
-    engine_module.assemble_cache = traced
+    for name, original in originals.items():
+        setattr(engine_module, name, traced(original))
     try:
         engine.prefill(blocks, question)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -158,27 +180,29 @@ def profile_pass(engine, blocks, question: str, top: int = 12) -> dict:
             engine.prefill(blocks, question)
             wall = time.perf_counter() - start
     finally:
-        engine_module.assemble_cache = original
-    events = [e for e in prof.key_averages() if not e.key.startswith("blockrag.")]
-    assembly = next((e.cpu_time_total for e in prof.key_averages() if e.key == "blockrag.assemble"), 0) / 1e3
-    # NOTE: ops inside the assembly region are counted there, not again in the forward's groups.
-    with profile(activities=[ProfilerActivity.CPU]) as only_assembly:
-        original(blocks, engine.rope, engine.model.config, engine.device, capacity=64, dtype=engine.dtype)
-    in_assembly = {e.key: e.self_cpu_time_total for e in only_assembly.key_averages()}
+        for name, original in originals.items():
+            setattr(engine_module, name, original)
+    events = [e for e in prof.events() if not e.name.startswith("blockrag.")]
+    assembly = sum(e.cpu_time_total for e in prof.events() if e.name == ASSEMBLY) / 1e3
     sums = dict.fromkeys(GROUPS, 0.0)
     forward = 0.0
+    per_op: dict[str, list[float]] = {}
     for e in events:
-        self_ms = max(e.self_cpu_time_total - in_assembly.get(e.key, 0), 0) / 1e3
+        self_ms = e.self_cpu_time_total / 1e3
+        entry = per_op.setdefault(e.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += self_ms
+        if _inside(e, ASSEMBLY):
+            continue
         forward += self_ms
         for name, keys in GROUPS.items():
-            if any(k in e.key for k in keys):
+            if any(k in e.name for k in keys):
                 sums[name] += self_ms
                 break
-    ops = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    ops = sorted(per_op.items(), key=lambda item: -item[1][1])[:top]
     return {"profiled_wall_ms": wall * 1e3, "assembly_ms": assembly, "attention_ms": sums["attention"],
             "gemm_ms": sums["gemm"], "other_forward_ms": max(forward - sums["attention"] - sums["gemm"], 0.0),
-            "top_ops": [{"op": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 2)}
-                        for e in ops]}
+            "top_ops": [{"op": name, "calls": calls, "self_ms": round(ms, 2)} for name, (calls, ms) in ops]}
 
 
 def run(args) -> dict:
