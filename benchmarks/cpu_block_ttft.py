@@ -24,6 +24,10 @@ that tree's blockrag; the commit printed is the one of the blockrag that was imp
 buffer's allocation where the CPU path reads them in place), attention, GEMMs (linear layers incl. lm_head), the
 rest of the forward, and the ops that cost the most.
 
+--against DIR: before/after in one sitting: runs this benchmark alternately for the blockrag tree in DIR and for
+this one (--rounds times each, subprocesses, A B A B ...), prints every run's table and one side-by-side table of
+the per-size medians over rounds (median of medians, min of mins), and one JSON line with every run.
+
 Prints a table and ends with one JSON line (--out also writes it to a file).
 """
 
@@ -286,6 +290,46 @@ def print_table(result: dict) -> None:
             print(f"  {op['self_ms']:8.2f} ms  {op['calls']:5d} x  {op['op']}")
 
 
+def compare(args) -> dict:
+    """Alternate runs of this benchmark for ``args.against`` (before) and this tree (after); see --against."""
+    here = Path(__file__).resolve()
+    after_tree = str(here.parents[1])
+    forwarded = ["--totals", *map(str, args.totals), "--block-tokens", str(args.block_tokens), "--threads",
+                 str(args.threads), "--repeats", str(args.repeats), "--loader", args.loader]
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    for _ in range(args.rounds):
+        for label, tree in (("before", str(args.against)), ("after", after_tree)):
+            env = {**os.environ, "PYTHONPATH": tree}
+            extra = ["--profile"] if args.profile and label == "after" and not runs["after"] else []
+            out = subprocess.run([sys.executable, str(here), *forwarded, *extra], env=env, capture_output=True,
+                                 text=True, check=True).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            print_table(result)
+            runs[label].append(result)
+    sizes = []
+    for i, row in enumerate(runs["after"][0]["rows"]):
+        before = [r["rows"][i] for r in runs["before"]]
+        after = [r["rows"][i] for r in runs["after"]]
+        sizes.append({"total_tokens": row["total_tokens"],
+                      "before_median_ms": statistics.median(r["median_ms"] for r in before),
+                      "before_min_ms": min(r["min_ms"] for r in before),
+                      "after_median_ms": statistics.median(r["median_ms"] for r in after),
+                      "after_min_ms": min(r["min_ms"] for r in after),
+                      "other_processes_cores_max": max(r["other_processes_cores"] for r in before + after)})
+    print(f"\nbefore {runs['before'][0]['commit']} ({args.against}) vs after {runs['after'][0]['commit']}, "
+          f"{args.rounds} alternating rounds each; medians of the per-run medians, min of mins:")
+    print("| prompt tokens | before median ms | after median ms | speed-up | before min | after min | "
+          "other processes (max, cores) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sizes:
+        print(f"| {r['total_tokens']} | {r['before_median_ms']:.1f} | {r['after_median_ms']:.1f} | "
+              f"{r['before_median_ms'] / r['after_median_ms']:.2f}x | {r['before_min_ms']:.1f} | "
+              f"{r['after_min_ms']:.1f} | {r['other_processes_cores_max']} |")
+    return {"benchmark": "cpu_block_ttft_compare", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "before": runs["before"][0]["commit"], "after": runs["after"][0]["commit"], "rounds": args.rounds,
+            "threads": args.threads, "sizes": sizes, "runs": runs}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--totals", type=int, nargs="+", default=[1024, 2048, 4096], help="prompt tokens (about)")
@@ -297,11 +341,16 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="where one block pass at the largest size goes")
     parser.add_argument("--full", action="store_true", help="also time full-mode prefill (3 calls) at the first size")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--against", type=Path, help="a blockrag tree to run alternately with this one (before/after)")
+    parser.add_argument("--rounds", type=int, default=2, help="with --against: runs of each tree")
     args = parser.parse_args()
     if args.repeats < 7:
         parser.error(f"expected --repeats >= 7, found {args.repeats}")
-    result = run(args)
-    print_table(result)
+    if args.against:
+        result = compare(args)
+    else:
+        result = run(args)
+        print_table(result)
     line = json.dumps(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
