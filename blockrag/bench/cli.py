@@ -32,8 +32,8 @@ For each --sizes entry: passages of generated text, about that many context toke
 instruction, included), are encoded once (timed apart: 'encode'); then block mode (cached passage KV, only
 the question prefilled) and full mode (one ordinary prefill of the same tokens) are timed call by call in
 turn, --repeats each after --warmup rounds; the table shows median (min) and their ratio full / block.
-Every row carries the load average (1/5/15 min) before and after it was timed; a busy machine is slow in
-both modes, so compare figures only where the load was alike.
+Every row carries the load average (1/5/15 min) before its encoding and after its last timed call; a busy
+machine is slow in both modes, so compare figures only where the load was alike.
 
 Writes OUT/results.json (device, dtype, threads, torch / transformers versions, blockrag version and git
 commit, date, every timed call) and OUT/table.md, prints the table and ends with one JSON line.
