@@ -49,30 +49,29 @@ def _prefill_inputs(samples: Sequence[Sample], mode: CopyMode, pad_id: int, devi
     return inputs, lengths
 
 
+def prepared_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """A boolean 4D mask (True = attend) as the model's attention backend takes it: as is for sdpa, additive for
+    eager."""
+    if check_backend(model) == "sdpa":
+        return mask
+    from blockrag.masks import additive_mask
+
+    return additive_mask(mask, next(model.parameters()).dtype)
+
+
 @torch.inference_mode()
-def _generate_batch(model, samples: Sequence[Sample], mode: CopyMode, max_new_tokens: int,
-                    eos_ids: frozenset[int], pad_id: int) -> list[list[int]]:
-    device = next(model.parameters()).device
-    inputs, lengths = _prefill_inputs(samples, mode, pad_id, device)
-    size, longest = inputs["input_ids"].shape
-    backend = check_backend(model)
-    dtype = next(model.parameters()).dtype
+def greedy_decode(model, logits: torch.Tensor, cache, visible: torch.Tensor, next_position: torch.Tensor,
+                  max_new_tokens: int, eos_ids: frozenset[int]) -> list[list[int]]:
+    """Greedy tokens (EOS excluded) after a batched prefill.
 
-    def prepared(mask):
-        if backend == "sdpa":
-            return mask
-        from blockrag.masks import additive_mask
-
-        return additive_mask(mask, dtype)
-
-    logits, cache = forward(model, inputs["input_ids"], position_ids=inputs["position_ids"],
-                            attention_mask=prepared(inputs["attention_mask"]), logits_to_keep=1)
-    logits = logits[:, -1].float()
-    # NOTE: the key mask of a decoded token: its row's real prompt columns, then every generated column.
-    real = torch.zeros(size, longest, dtype=torch.bool, device=device)
-    for row, n in enumerate(lengths):
-        real[row, longest - n :] = True
-    next_position = torch.tensor(lengths, device=device)
+    Args:
+        logits: (B, V) float logits of each row's last prompt token.
+        cache: the prefill's cache, K columns per row.
+        visible: (B, K) bool, which cache columns every decoded token of the row attends to (its real prompt
+            keys); each generated token also attends to the tokens generated before it and itself.
+        next_position: (B,) long, the position of each row's first generated token.
+    """
+    size, device = logits.shape[0], logits.device
     eos = torch.tensor(sorted(eos_ids), device=device) if eos_ids else None
     done = torch.zeros(size, dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
@@ -83,12 +82,28 @@ def _generate_batch(model, samples: Sequence[Sample], mode: CopyMode, max_new_to
         tokens.append(torch.where(done, torch.full_like(token, -1), token))
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        keys = torch.cat([real, torch.ones(size, step + 1, dtype=torch.bool, device=device)], dim=1)
+        keys = torch.cat([visible, torch.ones(size, step + 1, dtype=torch.bool, device=device)], dim=1)
         logits, cache = forward(model, token[:, None], position_ids=(next_position + step)[:, None],
-                                attention_mask=prepared(keys[:, None, None, :]), cache=cache)
+                                attention_mask=prepared_mask(model, keys[:, None, None, :]), cache=cache)
         logits = logits[:, -1].float()
     table = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(size)]
     return [[t for t in row if t >= 0] for row in table]
+
+
+@torch.inference_mode()
+def _generate_batch(model, samples: Sequence[Sample], mode: CopyMode, max_new_tokens: int,
+                    eos_ids: frozenset[int], pad_id: int) -> list[list[int]]:
+    device = next(model.parameters()).device
+    inputs, lengths = _prefill_inputs(samples, mode, pad_id, device)
+    size, longest = inputs["input_ids"].shape
+    logits, cache = forward(model, inputs["input_ids"], position_ids=inputs["position_ids"],
+                            attention_mask=prepared_mask(model, inputs["attention_mask"]), logits_to_keep=1)
+    # NOTE: the key mask of a decoded token: its row's real prompt columns, then every generated column.
+    real = torch.zeros(size, longest, dtype=torch.bool, device=device)
+    for row, n in enumerate(lengths):
+        real[row, longest - n :] = True
+    return greedy_decode(model, logits[:, -1].float(), cache, real, torch.tensor(lengths, device=device),
+                         max_new_tokens, eos_ids)
 
 
 def greedy_answers(model, tokenizer, samples: Sequence[Sample], mode: CopyMode = "block", *,

@@ -1,0 +1,215 @@
+"""Batched greedy answers with selective recompute (training-free block-mode recovery), to evaluate it at scale.
+
+``BlockEngine.generate(passages, question, recompute=SPEC)`` runs one prompt at a time; this runs a batch of
+prompts and gives the same greedy tokens (``tests/test_train_generate_recompute.py`` compares them token for
+token). Each prompt's selection S is chosen by ``blockrag.recompute.select_positions`` -- the engine's own call --
+over that prompt's block-mode context KV. Then, per batch (left-padded):
+
+1. one forward over the contexts with the block mask, positions 0..N-1: the block KV of every context token;
+2. one forward over [the selected tokens again, at their own positions] + [the final block, at N...] on top of that
+   cache, with an explicit mask: a token at position q attends to the *current* keys at positions <= q, where a
+   position's current key is its recomputed copy if it is selected and its block copy if not (the visibility of
+   ``blockrag.recompute.recompute_prefill``, which writes recomputed keys over the block keys in place);
+3. greedy decoding over that cache (``blockrag.train.generate.greedy_decode``): every new token attends to the
+   current keys only, so the superseded block copies of selected tokens stay hidden.
+
+The block KV of step 1 is computed at positions 0..N-1 directly rather than encoded at 0 and rotated, which is
+equal up to rounding (the equivalence every block-mode test leans on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from blockrag.decode import eos_ids as model_eos_ids
+from blockrag.errors import InvalidInputError
+from blockrag.hf import buffer_cache, forward, stacked_kv
+from blockrag.masks import block_attention_mask
+from blockrag.recompute import Recompute, select_positions
+from blockrag.train.data import Sample
+from blockrag.train.generate import greedy_decode, prepared_mask
+
+_NEEDS_KV = ("deviation", "query")  # strategies whose selection reads the block-mode KV
+
+
+class RecomputeAnswers(NamedTuple):
+    """Greedy answer ids (EOS excluded) and the recomputed context positions of every sample."""
+
+    answers: list[list[int]]
+    selected: list[list[int]]
+
+
+def _context_ids(sample: Sample) -> list[int]:
+    return [t for block in sample.blocks for t in block]
+
+
+def _context_pass(model, samples: Sequence[Sample], pad_id: int, device):
+    """(cache with (B, H, C, D) block KV of the left-padded contexts, C = the longest context)."""
+    lengths = [sum(map(len, s.blocks)) for s in samples]
+    longest = max(lengths)
+    ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+    positions = torch.zeros(len(samples), longest, dtype=torch.long)
+    # NOTE: a padding column attends only to itself (softmax over nothing is NaN); no real token attends to it.
+    mask = torch.eye(longest, dtype=torch.bool).repeat(len(samples), 1, 1)
+    for row, (sample, n) in enumerate(zip(samples, lengths)):
+        start = longest - n
+        ids[row, start:] = torch.tensor(_context_ids(sample))
+        positions[row, start:] = torch.arange(n)
+        mask[row, start:, start:] = block_attention_mask([len(b) for b in sample.blocks], 0)
+    _, cache = forward(model, ids.to(device), position_ids=positions.to(device),
+                       attention_mask=prepared_mask(model, mask[:, None].to(device)), logits_to_keep=1)
+    return cache
+
+
+def _row_cache(model, cache, row: int, length: int):
+    """A batch-1 cache of one row's N context tokens (what ``select_positions`` reads), copied out of the batch."""
+    keys, values = stacked_kv(cache)
+    start = keys[0].shape[-2] - length
+    return buffer_cache(model.config, torch.stack([k[row : row + 1, :, start:] for k in keys]),
+                        torch.stack([v[row : row + 1, :, start:] for v in values]), length)
+
+
+def _check_selection(selected: Sequence[int], sample: Sample, index: int) -> list[int]:
+    n = sum(map(len, sample.blocks))
+    chosen = [int(p) for p in selected]
+    if chosen != sorted(set(chosen)) or (chosen and not 0 <= chosen[0] <= chosen[-1] < n):
+        raise InvalidInputError(f"expected sorted distinct positions in 0..{n - 1} for sample {index}, found "
+                                f"{chosen[:8]}{'...' if len(chosen) > 8 else ''}")
+    return chosen
+
+
+def _check_arguments(samples: Sequence[Sample], recompute, selections):
+    if (recompute is None) == (selections is None):
+        raise InvalidInputError("expected exactly one of recompute (a selection such as 'deviation:0.2') and "
+                                f"selections (positions per sample), found recompute={recompute!r} and "
+                                f"{'no' if selections is None else 'some'} selections")
+    if selections is None:
+        return Recompute.parse(recompute), None
+    if len(selections) != len(samples):
+        raise InvalidInputError(f"expected one selection per sample, found {len(selections)} for {len(samples)} "
+                                "samples")
+    return None, [_check_selection(sel, s, i) for i, (sel, s) in enumerate(zip(selections, samples))]
+
+
+def recompute_inputs(samples: Sequence[Sample], selections: Sequence[Sequence[int]], context_width: int,
+                     pad_id: int) -> dict[str, Tensor]:
+    """The second forward's inputs: selected tokens then the final block, left-padded, over the context cache.
+
+    Args:
+        samples: B prompts.
+        selections: per sample, sorted context positions to recompute.
+        context_width: C, the padded context width of the cache the second forward extends.
+
+    Returns:
+        input_ids, position_ids: (B, R) long (R = the longest selection + final block);
+        attention_mask: (B, 1, R, C + R) bool, True = attend;
+        visible: (B, C + R) bool, the current keys (what decoded tokens attend to);
+        next_position: (B,) long, each row's first generated position (N + F).
+    """
+    size = len(samples)
+    width = max(len(sel) + len(s.final) for s, sel in zip(samples, selections))
+    ids = torch.full((size, width), pad_id, dtype=torch.long)
+    key_pos = torch.zeros(size, context_width + width, dtype=torch.long)
+    current = torch.zeros(size, context_width + width, dtype=torch.bool)
+    next_position = torch.zeros(size, dtype=torch.long)
+    for row, (sample, selected) in enumerate(zip(samples, selections)):
+        context = torch.tensor(_context_ids(sample))
+        n, chosen = context.numel(), torch.tensor(list(selected), dtype=torch.long)
+        fed = torch.cat((context[chosen], torch.tensor(sample.final)))
+        fed_pos = torch.cat((chosen, torch.arange(n, n + len(sample.final))))
+        key_pos[row, context_width - n : context_width] = torch.arange(n)
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[chosen] = False  # NOTE: a selected position's block key is superseded by its recomputed copy
+        current[row, context_width - n : context_width] = keep
+        ids[row, width - fed.numel() :] = fed
+        key_pos[row, context_width + width - fed.numel() :] = fed_pos
+        current[row, context_width + width - fed.numel() :] = True
+        next_position[row] = n + len(sample.final)
+    query_pos, query_real = key_pos[:, context_width:], current[:, context_width:]
+    mask = current[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])
+    own = torch.zeros(width, context_width + width, dtype=torch.bool)
+    own[:, context_width:] = torch.eye(width, dtype=torch.bool)
+    mask = torch.where(query_real[:, :, None], mask, own)  # a padding query sees itself only
+    return {"input_ids": ids, "position_ids": query_pos.clone(), "attention_mask": mask[:, None],
+            "visible": current, "next_position": next_position}
+
+
+class RecomputePrefill(NamedTuple):
+    """A batched recompute prefill, ready for decoding."""
+
+    logits: Tensor  # (B, V) float32, each row's last final-block token
+    cache: object  # the model's cache, C + R columns per row
+    visible: Tensor  # (B, C + R) bool, the current keys (what decoded tokens attend to)
+    next_position: Tensor  # (B,) long, each row's first generated position
+    selected: list[list[int]]  # per row, the recomputed context positions
+
+
+@torch.inference_mode()
+def recompute_prefill_batch(model, samples: Sequence[Sample], recompute: str | Recompute | None = None, *,
+                            selections: Sequence[Sequence[int]] | None = None, pad_id: int = 0) -> RecomputePrefill:
+    """Steps 1 and 2 of the module docstring for one batch (no sorting, no splitting; see ``recompute_answers``
+    for the arguments): ``recompute`` chooses each row's positions as the engine does, or ``selections`` gives them.
+    """
+    recompute, selections = _check_arguments(samples, recompute, selections)
+    device = next(model.parameters()).device
+    cache = _context_pass(model, samples, pad_id, device)
+    if selections is None:
+        reads_kv = any(part.strategy in _NEEDS_KV for part in recompute.parts)
+        selections = []
+        for row, sample in enumerate(samples):
+            lengths = [len(b) for b in sample.blocks]
+            context = _context_ids(sample)
+            row_cache = _row_cache(model, cache, row, len(context)) if reads_kv else None
+            selections.append(select_positions(model, recompute, lengths, context, row_cache, list(sample.final)))
+    width = stacked_kv(cache)[0][0].shape[-2]
+    inputs = {k: v.to(device) for k, v in recompute_inputs(samples, selections, width, pad_id).items()}
+    logits, cache = forward(model, inputs["input_ids"], position_ids=inputs["position_ids"],
+                            attention_mask=prepared_mask(model, inputs["attention_mask"]), cache=cache,
+                            logits_to_keep=1)
+    return RecomputePrefill(logits[:, -1].float(), cache, inputs["visible"], inputs["next_position"],
+                            [list(s) for s in selections])
+
+
+def recompute_answers(model, tokenizer, samples: Sequence[Sample], recompute: str | Recompute | None = None, *,
+                      selections: Sequence[Sequence[int]] | None = None, max_new_tokens: int = 32,
+                      batch_size: int = 32, eos_ids: Iterable[int] | None = None) -> RecomputeAnswers:
+    """Greedy answers of every sample's prompt in block mode with selective recompute.
+
+    Args:
+        model: a transformers causal LM loaded with attn_implementation "sdpa" or "eager".
+        samples: prompts as Samples (block 0 first; their responses are ignored).
+        recompute: the selection, as ``BlockEngine.generate(recompute=...)`` takes it ("deviation:0.2",
+            "first:4+query:0.1", "all", "none", ...); chosen per prompt by ``blockrag.recompute.select_positions``.
+        selections: instead of ``recompute``, the positions to recompute: per sample, sorted distinct context
+            positions (0 = the first token of block 0); e.g. for controls.
+        batch_size: prompts per batched call; prompts are sorted by length first to limit padding.
+
+    Returns:
+        answers (EOS excluded) and the recomputed positions, both in the order of ``samples``.
+    """
+    spec, selections = _check_arguments(samples, recompute, selections)
+    if max_new_tokens < 1 or batch_size < 1:
+        raise InvalidInputError(f"expected max_new_tokens >= 1 and batch_size >= 1, found {max_new_tokens} "
+                                f"and {batch_size}")
+    eos = frozenset(eos_ids) if eos_ids is not None else model_eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(samples)), key=lambda i: sum(map(len, samples[i].blocks)) + len(samples[i].final))
+    answers: list[list[int]] = [[] for _ in samples]
+    selected: list[list[int]] = [[] for _ in samples]
+    try:
+        for first in range(0, len(order), batch_size):
+            chunk = order[first : first + batch_size]
+            given = [selections[i] for i in chunk] if selections is not None else None
+            out = recompute_prefill_batch(model, [samples[i] for i in chunk], spec, selections=given, pad_id=pad)
+            ids = greedy_decode(model, out.logits, out.cache, out.visible, out.next_position, max_new_tokens, eos)
+            for i, row_ids, positions in zip(chunk, ids, out.selected):
+                answers[i], selected[i] = row_ids, positions
+    finally:
+        model.train(was_training)
+    return RecomputeAnswers(answers, selected)
