@@ -216,7 +216,10 @@ def gpu_estimate(n_per_set: dict[str, int], selections: Sequence[str]) -> dict:
               for name in selections}
     seconds = {"full": questions * H200_SECONDS["full"], "block": questions * H200_SECONDS["block"]}
     for name in selections:
-        seconds[name] = questions * (H200_SECONDS["selection"] + probes[name] * H200_SECONDS["probe"])
+        # NOTE: "all" feeds every passage token twice (block pass, recompute pass): a full and a block prefill.
+        every = any(p.strategy == "all" for p in Recompute.parse(name).parts)
+        base = H200_SECONDS["full"] + H200_SECONDS["block"] if every else H200_SECONDS["selection"]
+        seconds[name] = questions * (base + probes[name] * H200_SECONDS["probe"])
     return {"questions": questions, "per_mode_s": {k: round(v) for k, v in seconds.items()},
             "total_s": round(sum(seconds.values())), "assumed_s_per_question": H200_SECONDS}
 
