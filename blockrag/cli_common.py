@@ -11,8 +11,10 @@ from blockrag.models import DEFAULT_MODEL, TINY_NOTE, is_tiny
 
 
 def load_engine(model: str | None = None, *, template: str | None = None, device: str | None = None,
-                dtype: str = "auto", token_budget: int = 8192, quiet: bool = False, progress: bool = False):
-    """A BlockEngine for any name ``blockrag.models`` resolves (default: the embedded model)."""
+                dtype: str = "auto", token_budget: int = 8192, quiet: bool = False, progress: bool = False,
+                cuda_graphs: int | None = None):
+    """A BlockEngine for any name ``blockrag.models`` resolves (default: the embedded model); ``cuda_graphs``: see
+    ``BlockEngine``."""
     from blockrag.engine import BlockEngine
     from blockrag.models import load
 
@@ -21,4 +23,4 @@ def load_engine(model: str | None = None, *, template: str | None = None, device
         print(TINY_NOTE.format(name=model), file=sys.stderr)
     loaded = load(model, device=device, dtype=dtype, progress=progress)
     return BlockEngine(loaded.model, loaded.tokenizer, template=template or loaded.template or "chat",
-                       token_budget=token_budget)
+                       token_budget=token_budget, cuda_graphs=cuda_graphs)

@@ -65,6 +65,7 @@ def test_writes_results_and_table_and_ends_with_the_json_line(bench_run):
         assert field in written, field
     assert written["model"] == "tiny-random" and written["device_type"] == "cpu" and written["dtype"] == "float32"
     assert written["threads"] == 1 and written["repeats"] == 2 and written["out"] == str(out)
+    assert written["cuda_graphs"] is None  # off unless asked for (CUDA only)
     assert [row["size"] for row in written["rows"]] == list(SIZES)
     for row in written["rows"]:
         for mode in ("block", "full"):
@@ -126,6 +127,8 @@ def test_json_only_and_the_default_folder_is_a_new_temporary_one(tmp_path, capsy
     (("--out", "{file}"), "expected --out to be a directory (created if missing), found the file"),
     (("--out", "{file}/below"), "expected --out to be a directory that can be created"),
     (("--model", "smolm2-135m"), "unknown model 'smolm2-135m'"),
+    (("--cuda-graphs", "0"), "expected --cuda-graphs >= 1 (context tokens), found 0"),
+    (("--device", "cpu", "--cuda-graphs", "4096"), "expected --cuda-graphs on a CUDA device, found cpu"),
     pytest.param(("--device", "cuda"), "expected a CUDA GPU", marks=pytest.mark.skipif(
         __import__("torch").cuda.is_available(), reason="CUDA is present here")),
 ])

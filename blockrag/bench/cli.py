@@ -54,6 +54,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="weight and KV dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    model.add_argument("--cuda-graphs", type=int, default=None, metavar="N",
+                       help="replay the final-block prefill from CUDA graphs for contexts up to N tokens (CUDA, "
+                            "16-bit dtype; reserves a KV buffer of N tokens); default: off")
     model.add_argument("--threads", type=int, default=None, metavar="N",
                        help="torch CPU threads (intra-op); default: torch's choice (all cores). Recorded with the "
                             "results")
@@ -99,6 +102,8 @@ def _check(args) -> tuple[int, ...]:
                                ("--passage-tokens", args.passage_tokens, 1)):
         if value < least:
             raise InvalidInputError(f"expected {name} >= {least}, found {value}")
+    if args.cuda_graphs is not None and args.cuda_graphs < 1:
+        raise InvalidInputError(f"expected --cuda-graphs >= 1 (context tokens), found {args.cuda_graphs}")
     if args.threads is not None and args.threads < 1:
         raise InvalidInputError(f"expected --threads >= 1, found {args.threads}")
     if args.question is not None and not args.question.strip():
@@ -152,6 +157,13 @@ def run(args) -> int:
 
     sizes = _check(args)
     device = resolve_device(args.device)  # a missing GPU is refused before anything is read
+    if args.cuda_graphs is not None:
+        if device.type != "cuda":
+            raise InvalidInputError(f"expected --cuda-graphs on a CUDA device, found {device}; drop it or give "
+                                    "--device cuda")
+        if args.dtype == "float32":
+            raise InvalidInputError("expected --cuda-graphs with a 16-bit --dtype (bfloat16 or float16, the CUDA "
+                                    "default), found float32")
     resolve(args.model)  # an unknown name, a missing file: refused before any weights load
     if args.threads is not None:
         import torch
@@ -162,8 +174,12 @@ def run(args) -> int:
     from blockrag.cli_common import load_engine
 
     question = args.question if args.question is not None else DEFAULT_QUESTION
-    engine = load_engine(args.model, device=str(device), dtype=args.dtype, progress=getattr(args, "verbose", False))
+    engine = load_engine(args.model, device=str(device), dtype=args.dtype, progress=getattr(args, "verbose", False),
+                         cuda_graphs=args.cuda_graphs)
     _check_fits(engine, sizes, question)
+    if args.cuda_graphs is not None and max(sizes) > args.cuda_graphs:
+        raise InvalidInputError(f"expected --sizes up to --cuda-graphs ({args.cuda_graphs} context tokens), found "
+                                f"{max(sizes)}; give a larger --cuda-graphs")
     out = _out_dir(args.out)  # NOTE: only now, so that a refused run leaves nothing behind
     print(f"blockrag bench: results go to {out}", file=sys.stderr)
 

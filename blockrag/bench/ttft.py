@@ -265,7 +265,8 @@ def environment(engine) -> dict[str, Any]:
 
     return {"device": describe_device(engine.device), "device_type": engine.device.type,
             "dtype": str(engine.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "fast_attention": bool(engine.fast_attention), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "fast_attention": bool(engine.fast_attention),
+            "cuda_graphs": engine.graphs.max_context if engine.graphs is not None else None, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "blockrag": __version__, "commit": commit(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
