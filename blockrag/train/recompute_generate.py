@@ -15,25 +15,35 @@ over that prompt's block-mode context KV. Then, per batch (left-padded):
 
 The block KV of step 1 is computed at positions 0..N-1 directly rather than encoded at 0 and rotated, which is
 equal up to rounding (the equivalence every block-mode test leans on).
+
+``kv="fp8"`` replaces step 1 by what the engine does with an fp8 store (``blockrag eval --kv fp8``): every distinct
+context block of the batch is encoded alone at positions 0..T-1 (``blockrag.encoder.BlockEncoder``), quantised to
+e4m3 with per-(layer, head) scales (``KVBlock.quantize``), then each prompt's blocks are dequantised and their keys
+rotated to their offsets by ``blockrag.assemble.assemble_cache``, the engine's own call. Here "equal up to rounding"
+is not enough: fp8 rounding of keys at final positions would differ from that of keys at 0..T-1, so the blocks go
+through the engine's path. With ``recompute="none"`` this is block mode over fp8 blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from blockrag.decode import eos_ids as model_eos_ids
 from blockrag.errors import InvalidInputError
-from blockrag.hf import buffer_cache, forward, stacked_kv
+from blockrag.hf import buffer_cache, forward, new_cache, stacked_kv
 from blockrag.masks import block_attention_mask
 from blockrag.recompute import Recompute, select_positions
 from blockrag.train.data import Sample
 from blockrag.train.generate import greedy_decode, prepared_mask
 
 _NEEDS_KV = ("deviation", "query")  # strategies whose selection reads the block-mode KV
+KVFormat = Literal["native", "fp8"]
+KV_FORMATS = ("native", "fp8")
+_ENCODE_BUDGET = 8192  # tokens per encoding forward, the engine's default token_budget
 
 
 class RecomputeAnswers(NamedTuple):
@@ -65,6 +75,36 @@ def _context_pass(model, samples: Sequence[Sample], pad_id: int, device):
     return cache
 
 
+def _fp8_context_pass(model, samples: Sequence[Sample], device):
+    """(cache with (B, H, C, D) left-padded context KV served as the engine serves fp8 blocks; zeros in padding)."""
+    from blockrag.assemble import assemble_cache
+    from blockrag.encoder import BlockEncoder
+    from blockrag.rope import rope_spec
+
+    distinct = list(dict.fromkeys(block for sample in samples for block in sample.blocks))
+    # NOTE: the content keys are unused here (no store); the encoder only passes them through.
+    encoded = BlockEncoder(model, fingerprint="", token_budget=_ENCODE_BUDGET).encode(
+        distinct, [str(i) for i in range(len(distinct))])
+    fp8 = {ids: block.quantize() for ids, block in zip(distinct, encoded)}
+    del encoded
+    rope, dtype = rope_spec(model), next(model.parameters()).dtype
+    longest = max(sum(map(len, s.blocks)) for s in samples)
+    keys = values = None
+    for row, sample in enumerate(samples):
+        assembled, n = assemble_cache([fp8[b] for b in sample.blocks], rope, model.config, device, dtype=dtype)
+        row_keys, row_values = (torch.stack(t)[:, 0] for t in stacked_kv(assembled))  # (L, H, n, D) each
+        if keys is None:
+            layers, heads = row_keys.shape[:2]
+            keys = row_keys.new_zeros(layers, len(samples), heads, longest, row_keys.shape[-1])
+            values = row_values.new_zeros(layers, len(samples), heads, longest, row_values.shape[-1])
+        keys[:, row, :, longest - n :] = row_keys
+        values[:, row, :, longest - n :] = row_values
+    cache = new_cache(model.config)
+    for layer in range(keys.shape[0]):
+        cache.update(keys[layer], values[layer], layer)
+    return cache
+
+
 def _row_cache(model, cache, row: int, length: int):
     """A batch-1 cache of one row's N context tokens (what ``select_positions`` reads), copied out of the batch."""
     keys, values = stacked_kv(cache)
@@ -82,7 +122,9 @@ def _check_selection(selected: Sequence[int], sample: Sample, index: int) -> lis
     return chosen
 
 
-def _check_arguments(samples: Sequence[Sample], recompute, selections):
+def _check_arguments(samples: Sequence[Sample], recompute, selections, kv: str = "native"):
+    if kv not in KV_FORMATS:
+        raise InvalidInputError(f"expected kv in {KV_FORMATS}, found {kv!r}")
     if (recompute is None) == (selections is None):
         raise InvalidInputError("expected exactly one of recompute (a selection such as 'deviation:0.2') and "
                                 f"selections (positions per sample), found recompute={recompute!r} and "
@@ -150,13 +192,17 @@ class RecomputePrefill(NamedTuple):
 
 @torch.inference_mode()
 def recompute_prefill_batch(model, samples: Sequence[Sample], recompute: str | Recompute | None = None, *,
-                            selections: Sequence[Sequence[int]] | None = None, pad_id: int = 0) -> RecomputePrefill:
+                            selections: Sequence[Sequence[int]] | None = None, pad_id: int = 0,
+                            kv: KVFormat = "native") -> RecomputePrefill:
     """Steps 1 and 2 of the module docstring for one batch (no sorting, no splitting; see ``recompute_answers``
     for the arguments): ``recompute`` chooses each row's positions as the engine does, or ``selections`` gives them.
     """
-    recompute, selections = _check_arguments(samples, recompute, selections)
+    recompute, selections = _check_arguments(samples, recompute, selections, kv)
     device = next(model.parameters()).device
-    cache = _context_pass(model, samples, pad_id, device)
+    if kv == "fp8":
+        cache = _fp8_context_pass(model, samples, device)
+    else:
+        cache = _context_pass(model, samples, pad_id, device)
     if selections is None:
         reads_kv = any(part.strategy in _NEEDS_KV for part in recompute.parts)
         selections = []
@@ -176,7 +222,8 @@ def recompute_prefill_batch(model, samples: Sequence[Sample], recompute: str | R
 
 def recompute_answers(model, tokenizer, samples: Sequence[Sample], recompute: str | Recompute | None = None, *,
                       selections: Sequence[Sequence[int]] | None = None, max_new_tokens: int = 32,
-                      batch_size: int = 32, eos_ids: Iterable[int] | None = None) -> RecomputeAnswers:
+                      batch_size: int = 32, eos_ids: Iterable[int] | None = None,
+                      kv: KVFormat = "native") -> RecomputeAnswers:
     """Greedy answers of every sample's prompt in block mode with selective recompute.
 
     Args:
@@ -187,11 +234,13 @@ def recompute_answers(model, tokenizer, samples: Sequence[Sample], recompute: st
         selections: instead of ``recompute``, the positions to recompute: per sample, sorted distinct context
             positions (0 = the first token of block 0); e.g. for controls.
         batch_size: prompts per batched call; prompts are sorted by length first to limit padding.
+        kv: "native" (block KV in the model's dtype) or "fp8": every context block (block 0 included) as an fp8
+            store serves it (see the module docstring); ``recompute="none", kv="fp8"`` is block mode over fp8 KV.
 
     Returns:
         answers (EOS excluded) and the recomputed positions, both in the order of ``samples``.
     """
-    spec, selections = _check_arguments(samples, recompute, selections)
+    spec, selections = _check_arguments(samples, recompute, selections, kv)
     if max_new_tokens < 1 or batch_size < 1:
         raise InvalidInputError(f"expected max_new_tokens >= 1 and batch_size >= 1, found {max_new_tokens} "
                                 f"and {batch_size}")
@@ -206,7 +255,8 @@ def recompute_answers(model, tokenizer, samples: Sequence[Sample], recompute: st
         for first in range(0, len(order), batch_size):
             chunk = order[first : first + batch_size]
             given = [selections[i] for i in chunk] if selections is not None else None
-            out = recompute_prefill_batch(model, [samples[i] for i in chunk], spec, selections=given, pad_id=pad)
+            out = recompute_prefill_batch(model, [samples[i] for i in chunk], spec, selections=given, pad_id=pad,
+                                          kv=kv)
             ids = greedy_decode(model, out.logits, out.cache, out.visible, out.next_position, max_new_tokens, eos)
             for i, row_ids, positions in zip(chunk, ids, out.selected):
                 answers[i], selected[i] = row_ids, positions
