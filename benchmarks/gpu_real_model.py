@@ -32,28 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from reference import reference_logits  # noqa: E402  (tests/reference.py: the independent block-masked forward)
+# tests/reference.py: the independent block-masked forward; tests/test_real_model.py: its passages and question
+# (the answer is in the last passage) and the example KB's questions with the strings that make an answer correct
+from reference import reference_logits  # noqa: E402
+from test_real_model import FACTS, PASSAGES, QUESTION  # noqa: E402
 
 from blockrag import BlockEngine, Passage  # noqa: E402
 from blockrag.rope import reencoding_error  # noqa: E402
 
-# The test passages of tests/test_real_model.py (a question whose answer is in the last passage).
-PASSAGES = [
-    Passage("Skelwith Tunnel, just north of Skelwith Cross, is the only tunnel on the line. It is 212 metres long "
-            "and slightly curved, so the far end cannot be seen on entering.", title="Skelwith Tunnel"),
-    Passage("An adult return ticket from Brackenby to Harrowgill costs £18, a child return (5 to 15) £9, and "
-            "children under five travel free.", title="Fares and tickets"),
-    Passage("Berlin is the capital and largest city of Germany.", title="Berlin"),
-]
-QUESTION = "What is the capital of Germany?"
-# Each question with the strings that make an answer correct (any one, case-insensitive), as in the tests.
-FACTS = [
-    ("How long is Skelwith Tunnel?", ("212",)),
-    ("How much does an adult return ticket cost?", ("18",)),
-    ("In what year was the railway built?", ("1879",)),
-    ("Who founded the Calder Fell Railway Trust?", ("anne holroyd",)),
-    ("How much is a family ticket?", ("45",)),
-]
 # Block logits vs the reference in the same dtype, relative to the largest reference logit (STYLE.md's
 # per-dtype tolerances); the negative control must be outside 3x the bound.
 RTOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-5}

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from blockrag.eval.report import cpu_name
+
 MODES = ("block", "full")
 DEFAULT_QUESTION = "Which bridge was rebuilt after the winter flood, and who carried the stone for it?"
 
@@ -218,20 +220,10 @@ def load_average() -> tuple[float, float, float] | None:
     return round(one, 2), round(five, 2), round(fifteen, 2)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"{device} ({_cpu_name()}, {os.cpu_count()} cores)"
+    return f"{device} ({cpu_name()}, {os.cpu_count()} cores)"
 
 
 def commit() -> str | None:

@@ -61,7 +61,8 @@ def summarize(records: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[s
     return {mode: summarize_mode([r for r in records if r["mode"] == mode]) for mode in modes}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -76,7 +77,7 @@ def machine() -> dict[str, Any]:
     """Where the numbers were measured."""
     import torch
 
-    info: dict[str, Any] = {"platform": platform.platform(), "cpu": _cpu_name(),
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu": cpu_name(),
                             "python": platform.python_version(), "torch": torch.__version__,
                             "cpu_count": os.cpu_count(),
                             "torch_threads": torch.get_num_threads()}

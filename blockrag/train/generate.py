@@ -13,7 +13,8 @@ reuses the model's KV cache; every new token attends to its row's prompt and the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -22,6 +23,8 @@ from blockrag.errors import InvalidInputError
 from blockrag.hf import forward
 from blockrag.train.collator import CopyMode, check_backend, make_copy
 from blockrag.train.data import Sample
+
+T = TypeVar("T")
 
 MODES: tuple[CopyMode, ...] = ("full", "block", "block_no_pos")
 
@@ -120,6 +123,16 @@ def greedy_answers(model, tokenizer, samples: Sequence[Sample], mode: CopyMode =
     """
     if mode not in MODES:
         raise InvalidInputError(f"expected a mode in {MODES}, found {mode!r}")
+    return in_length_order(model, tokenizer, samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           eos_ids=eos_ids, run=lambda rows, eos, pad: _generate_batch(
+                               model, [samples[i] for i in rows], mode, max_new_tokens, eos, pad))
+
+
+def in_length_order(model, tokenizer, samples: Sequence[Sample], *, max_new_tokens: int, batch_size: int,
+                    eos_ids: Iterable[int] | None, run: Callable[[list[int], frozenset[int], int], Sequence[T]]
+                    ) -> list[T]:
+    """``run(rows, eos_ids, pad_id)`` over batches of sample indices, shortest prompts first (less padding), in
+    eval mode; its per-row results returned in the order of ``samples``."""
     if max_new_tokens < 1 or batch_size < 1:
         raise InvalidInputError(f"expected max_new_tokens >= 1 and batch_size >= 1, found {max_new_tokens} "
                                 f"and {batch_size}")
@@ -128,13 +141,12 @@ def greedy_answers(model, tokenizer, samples: Sequence[Sample], mode: CopyMode =
     was_training = model.training
     model.eval()
     order = sorted(range(len(samples)), key=lambda i: sum(map(len, samples[i].blocks)) + len(samples[i].final))
-    results: list[list[int]] = [[] for _ in samples]
+    results: list = [None] * len(samples)
     try:
         for first in range(0, len(order), batch_size):
-            chunk = order[first : first + batch_size]
-            for i, ids in zip(chunk, _generate_batch(model, [samples[i] for i in chunk], mode, max_new_tokens,
-                                                     eos, pad)):
-                results[i] = ids
+            rows = order[first : first + batch_size]
+            for i, result in zip(rows, run(rows, eos, pad)):
+                results[i] = result
     finally:
         model.train(was_training)
     return results

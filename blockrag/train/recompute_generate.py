@@ -32,13 +32,12 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from blockrag.decode import eos_ids as model_eos_ids
 from blockrag.errors import InvalidInputError
 from blockrag.hf import buffer_cache, forward, new_cache, stacked_kv
 from blockrag.masks import block_attention_mask
 from blockrag.recompute import Recompute, select_positions
 from blockrag.train.data import Sample
-from blockrag.train.generate import greedy_decode, prepared_mask
+from blockrag.train.generate import greedy_decode, in_length_order, prepared_mask
 
 _NEEDS_KV = ("deviation", "query")  # strategies whose selection reads the block-mode KV
 KVFormat = Literal["native", "fp8"]
@@ -241,25 +240,13 @@ def recompute_answers(model, tokenizer, samples: Sequence[Sample], recompute: st
         answers (EOS excluded) and the recomputed positions, both in the order of ``samples``.
     """
     spec, selections = _check_arguments(samples, recompute, selections, kv)
-    if max_new_tokens < 1 or batch_size < 1:
-        raise InvalidInputError(f"expected max_new_tokens >= 1 and batch_size >= 1, found {max_new_tokens} "
-                                f"and {batch_size}")
-    eos = frozenset(eos_ids) if eos_ids is not None else model_eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(samples)), key=lambda i: sum(map(len, samples[i].blocks)) + len(samples[i].final))
-    answers: list[list[int]] = [[] for _ in samples]
-    selected: list[list[int]] = [[] for _ in samples]
-    try:
-        for first in range(0, len(order), batch_size):
-            chunk = order[first : first + batch_size]
-            given = [selections[i] for i in chunk] if selections is not None else None
-            out = recompute_prefill_batch(model, [samples[i] for i in chunk], spec, selections=given, pad_id=pad,
-                                          kv=kv)
-            ids = greedy_decode(model, out.logits, out.cache, out.visible, out.next_position, max_new_tokens, eos)
-            for i, row_ids, positions in zip(chunk, ids, out.selected):
-                answers[i], selected[i] = row_ids, positions
-    finally:
-        model.train(was_training)
-    return RecomputeAnswers(answers, selected)
+
+    def run(rows: list[int], eos: frozenset[int], pad: int) -> list[tuple[list[int], list[int]]]:
+        given = [selections[i] for i in rows] if selections is not None else None
+        out = recompute_prefill_batch(model, [samples[i] for i in rows], spec, selections=given, pad_id=pad, kv=kv)
+        ids = greedy_decode(model, out.logits, out.cache, out.visible, out.next_position, max_new_tokens, eos)
+        return list(zip(ids, out.selected))
+
+    pairs = in_length_order(model, tokenizer, samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            eos_ids=eos_ids, run=run)
+    return RecomputeAnswers([ids for ids, _ in pairs], [positions for _, positions in pairs])
