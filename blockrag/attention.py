@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from blockrag.hf import register_attention, sdpa_attention
+from blockrag.rope import rotate_half_into
 
 ATTENTION_NAME = "blockrag"
 
@@ -184,20 +185,11 @@ def rotate_queries(query: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     Returns:
         (P, Hq, q, D) in the query's dtype.
     """
-    half = cos.shape[-1]
     q = query[0].float()
-    cos, sin = cos[:, None, None, :].to(q.device), sin[:, None, None, :].to(q.device)
-    x1, x2 = q[..., :half], q[..., half : 2 * half]
     # NOTE: written in place into one output: these small tensors are touched between attention calls that
     # stream the context through the caches, so every temporary costs more than its size suggests.
     out = q.new_empty(cos.shape[0], *q.shape)
-    o1, o2 = out[..., :half], out[..., half : 2 * half]
-    torch.mul(x1, cos, out=o1)
-    o1.addcmul_(x2, sin, value=-1)
-    torch.mul(x2, cos, out=o2)
-    o2.addcmul_(x1, sin)
-    if 2 * half < q.shape[-1]:
-        out[..., 2 * half :] = q[..., 2 * half :]
+    rotate_half_into(out, q, cos[:, None, None, :].to(q.device), sin[:, None, None, :].to(q.device))
     return out.to(query.dtype)
 
 

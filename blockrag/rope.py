@@ -187,6 +187,25 @@ def rotate_keys(keys: Tensor, delta: int | Tensor, inv_freq: Tensor) -> Tensor:
     return torch.cat((out, keys[..., rotary_dim:]), dim=-1)
 
 
+def rotate_half_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """``out = x`` rotated (rotate-half layout) by the angles of ``cos``/``sin``, written in place, no temporaries.
+
+    Args:
+        out: (..., D) destination, any strides, broadcast-compatible with ``x`` and ``cos``.
+        x: (..., D) float32; dims past 2 * R/2 pass through.
+        cos, sin: (..., R/2) float32, broadcast against x's leading dims.
+    """
+    half = cos.shape[-1]
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    o1, o2 = out[..., :half], out[..., half : 2 * half]
+    torch.mul(x1, cos, out=o1)  # x1 cos - x2 sin
+    o1.addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2)  # x2 cos + x1 sin
+    o2.addcmul_(x1, sin)
+    if 2 * half < x.shape[-1]:
+        out[..., 2 * half :] = x[..., 2 * half :]
+
+
 def rotate_keys_into(out: Tensor, keys: Tensor, delta: int, inv_freq: Tensor) -> None:
     """``out[...] = rotate_keys(keys, delta, inv_freq)`` without intermediate tensors (float32 keys).
 
@@ -201,15 +220,7 @@ def rotate_keys_into(out: Tensor, keys: Tensor, delta: int, inv_freq: Tensor) ->
         return
     cos, sin = rotation_cos_sin(torch.as_tensor(delta), inv_freq)
     half = inv_freq.numel()
-    cos, sin = cos[:half].to(keys.device), sin[:half].to(keys.device)
-    x1, x2 = keys[..., :half], keys[..., half : 2 * half]
-    o1, o2 = out[..., :half], out[..., half : 2 * half]
-    torch.mul(x1, cos, out=o1)  # x1 cos - x2 sin
-    o1.addcmul_(x2, sin, value=-1)
-    torch.mul(x2, cos, out=o2)  # x2 cos + x1 sin
-    o2.addcmul_(x1, sin)
-    if 2 * half < keys.shape[-1]:
-        out[..., 2 * half :] = keys[..., 2 * half :]
+    rotate_half_into(out, keys, cos[:half].to(keys.device), sin[:half].to(keys.device))
 
 
 #: Relative error the probe allows: a few roundings of the dtype, for the computation of ONE layer. Measured
