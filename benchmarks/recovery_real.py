@@ -371,7 +371,8 @@ def run(args) -> int:
                                                passage_tokens):
             s = score(text, example["answers"])
             predictions.append({"model": label, "mode": mode, "source": example["source"], "id": example["id"],
-                                "split": example.get("split", "eval"), "prediction": text, "accuracy": s.accuracy, "f1": round(s.f1, 4),
+                                "split": example.get("split", "eval"), "prediction": text, "accuracy": s.accuracy,
+                                "f1": round(s.f1, 4),
                                 "recomputed": count, "passage_tokens": total})
         save()
         accuracy = {s: 100 * sum(r["accuracy"] for r in predictions if r["mode"] == mode and r["source"] == s)
