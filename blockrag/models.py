@@ -695,9 +695,9 @@ def _load_named(entry: NamedModel, device: torch.device, dtype: torch.dtype, att
                 trust_remote_code: bool, progress: bool):
     if entry.loader is not None:
         return entry.loader(device=device, dtype=dtype, attn_implementation=attn_implementation)
-    base = load(entry.base, device="cpu", dtype=dtype, attn_implementation=attn_implementation,
-                trust_remote_code=trust_remote_code, progress=progress)
     if entry.adapter is None:
+        base = load(entry.base, device="cpu", dtype=dtype, attn_implementation=attn_implementation,
+                    trust_remote_code=trust_remote_code, progress=progress)
         return base.model, base.tokenizer
     adapter = Path(entry.adapter)
     if not (adapter / "adapter_config.json").is_file():
@@ -708,5 +708,9 @@ def _load_named(entry: NamedModel, device: torch.device, dtype: torch.dtype, att
     except ImportError as error:
         raise ModelNotFoundError(f"model {entry.name!r} is a LoRA adapter and needs peft: pip install 'blockrag[train]'"
                                  ) from error
+    # The update B @ A is merged into float32 weights, then cast: merging into bfloat16 weights would round the
+    # small update away where it matters (it is a few parts in a thousand of most weights).
+    base = load(entry.base, device="cpu", dtype="float32", attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code, progress=progress)
     merged = PeftModel.from_pretrained(base.model, str(adapter)).merge_and_unload()
-    return merged, base.tokenizer
+    return merged.to(dtype), base.tokenizer

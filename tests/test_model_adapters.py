@@ -55,3 +55,26 @@ def test_no_block_adapter_is_registered_until_one_meets_its_target():
     """The earlier smollm2-135m-block (6 CPU steps) lowered accuracy in both modes; it was removed and no
     GPU-trained one has met the block-within-1-point target yet (README, block fine-tuning a real model)."""
     assert "smollm2-135m-block" not in names()
+
+
+def test_an_adapter_is_merged_in_float32_before_a_bfloat16_cast(adapter_dir):
+    """In bfloat16 the merged weights are (float32 base + update) rounded once, not the update added to weights
+    already rounded to bfloat16 (which loses part of a small update: the negative control)."""
+    from safetensors.torch import load_file
+
+    register("adapted-bf16-test", base="tiny-random", adapter=adapter_dir, description="test adapter", replace=True)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    scale = config["lora_alpha"] / config["r"]
+    base = dict(load("tiny-random", device="cpu", dtype="float32").model.named_parameters())
+    tuned = dict(load("adapted-bf16-test", device="cpu", dtype="bfloat16").model.named_parameters())
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj"
+    a = next(v for k, v in tensors.items() if k.endswith(f"{key}.lora_A.weight")).float()
+    b = next(v for k, v in tensors.items() if k.endswith(f"{key}.lora_B.weight")).float()
+    w0 = base[f"{key}.weight"].detach().float()
+    got = tuned[f"{key}.weight"].detach()
+    assert got.dtype == torch.bfloat16
+    once = (w0 + scale * (b @ a)).to(torch.bfloat16)
+    twice = (w0.to(torch.bfloat16) + (scale * (b @ a)).to(torch.bfloat16))
+    assert torch.equal(got, once)
+    assert not torch.equal(once, twice)
