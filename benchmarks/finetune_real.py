@@ -21,6 +21,9 @@ held-out questions.
 
 Output (``--out``): results.json, table.md, train_logs.jsonl, predictions.jsonl, run.log, and for the LoRA run
 the adapter (adapter_model.safetensors in float16, adapter_config.json). The last line printed is one JSON object.
+``run --init-adapter DIR`` continues the LoRA runs from a saved adapter (e.g. an earlier run's
+``lora_block_adapter``) for ``--steps`` further steps; each run's ``init_adapter`` in results.json says what it
+started from.
 """
 
 from __future__ import annotations
@@ -205,13 +208,16 @@ def answer_nll(model, tokenizer, samples, mode: str, batch_size: int = 4) -> flo
 
 
 def train_run(base, tokenizer, template, samples, *, name: str, ratio: str, objective: str, lora: bool, lr: float,
-              steps: int, preset: dict, work: Path, logs_out: list) -> tuple[torch.nn.Module, Trainer, float]:
+              steps: int, preset: dict, work: Path, logs_out: list, init_adapter: str | None = None
+              ) -> tuple[torch.nn.Module, Trainer, float]:
+    """One training run on a copy of ``base``; a LoRA run starts from ``init_adapter`` (a peft adapter
+    directory) when given, else from a fresh adapter."""
     model = copy.deepcopy(base).train()
+    settings = LoraSettings(r=preset["lora_r"], alpha=preset["lora_alpha"], init=init_adapter) if lora else None
     config = TrainConfig(
         output_dir=str(work / name), lr=lr, max_steps=steps, batch_size=preset["batch_size"], warmup_ratio=0.05,
         schedule="cosine", ratio=CopyRatio.parse(ratio), objective=objective, seed=0, log_every=10,
-        lora=LoraSettings(r=preset["lora_r"], alpha=preset["lora_alpha"]) if lora else None, bf16=preset["bf16"],
-        num_workers=preset.get("num_workers", 0), progress=False)
+        lora=settings, bf16=preset["bf16"], num_workers=preset.get("num_workers", 0), progress=False)
     trainer = Trainer(model, tokenizer, config, template=template)
     start = time.perf_counter()
     result = trainer.fit(samples, save_final=False)
@@ -328,11 +334,13 @@ def run_gpu(args, preset: dict, out: Path, report: dict) -> None:
                                                    "needed"}
                 continue
         data = distill_samples if objective == "distill" else samples
+        init = args.init_adapter if lora else None
         model, trainer, wall = train_run(base, tokenizer, template, data, name=name, ratio=ratio, objective=objective,
-                                         lora=lora, lr=lr, steps=steps, preset=preset, work=work, logs_out=logs)
+                                         lora=lora, lr=lr, steps=steps, preset=preset, work=work, logs_out=logs,
+                                         init_adapter=init)
         lora_step_s = lora_step_s or wall / steps / cost
         report["runs"][name] = {"ratio": ratio, "objective": objective, "lora": lora, "lr": lr, "steps": steps,
-                                "batch_size": preset["batch_size"], "train_s": round(wall, 1)}
+                                "batch_size": preset["batch_size"], "train_s": round(wall, 1), "init_adapter": init}
         if lora:
             report["runs"][name]["adapter"] = save_adapter(trainer, out, prefix=f"{name}_")
         model = merged(model).eval()
@@ -521,12 +529,26 @@ def intervals(args) -> int:
 RUNS = ("lora", "lora_block", "control", "distill", "full_ft")
 
 
+def check_init_adapter(args, out: Path) -> None:
+    """Refuse --init-adapter where it would not be used or would be overwritten by the run it starts."""
+    if args.preset == "cpu":
+        raise SystemExit("expected --init-adapter with the gpu or smoke preset, found --preset cpu (it trains "
+                         "through the blockrag finetune CLI, which starts from a fresh adapter)")
+    init = Path(args.init_adapter).resolve()
+    for name in args.runs.split(","):
+        if (out / f"{name}_adapter").resolve() == init:
+            raise SystemExit(f"expected --init-adapter outside the adapters this run writes, found {init}, which "
+                             f"the {name} run overwrites; pass another --out")
+
+
 def run(args) -> int:
     unknown = [name for name in args.runs.split(",") if name not in RUNS]
     if unknown:
         raise SystemExit(f"expected --runs to name runs of {RUNS}, found {unknown}")
     preset = dict(PRESETS[args.preset])
     out = Path(args.out)
+    if args.init_adapter:
+        check_init_adapter(args, out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "finetune_real", "preset": args.preset, "settings": preset, "commit": git_commit(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": Path(args.model).name,
@@ -581,6 +603,9 @@ def main(argv=None) -> int:
                                                            "gpu: one epoch)")
     r.add_argument("--runs", default="lora,control,distill,full_ft",
                    help="which runs, in this order (of " + ",".join(RUNS) + ")")
+    r.add_argument("--init-adapter", default=None, metavar="DIR",
+                   help="continue the LoRA runs from this adapter, e.g. an earlier run's lora_block_adapter; with "
+                        "it, the step count is the number of further steps (gpu and smoke presets)")
     t = sub.add_parser("intervals", help="accuracy with 95%% bootstrap intervals from predictions.jsonl files")
     t.add_argument("predictions", nargs="+", help="predictions.jsonl files written by run")
     t.add_argument("--replicates", type=int, default=2000)

@@ -8,7 +8,8 @@ final block and response positions of every copy -- block copies learn to predic
 full copies are held where they were. Checkpoints hold what resuming needs
 (trainable weights, optimizer state, RNG state, step) in safetensors and JSON; the final model is written
 with ``save_pretrained`` (safetensors) together with its tokenizer and block template, ready for
-``BlockEngine.from_pretrained``. LoRA adapters are merged into the final model (the adapter is kept beside it).
+``BlockEngine.from_pretrained``. LoRA adapters are merged into the final model (the adapter is kept beside it);
+a LoRA run starts from a fresh adapter or from a saved one (``LoraSettings.init``).
 """
 
 from __future__ import annotations
@@ -46,12 +47,17 @@ class LoraSettings:
         alpha: scaling numerator (effective scale alpha / r).
         dropout: dropout on the adapter input.
         target_modules: module names to adapt, or "all-linear".
+        init: a peft adapter directory (adapter_config.json, adapter_model.safetensors; e.g. an earlier run's
+            ``adapter/``) to start from instead of a fresh adapter. Its rank and alpha must be ``r`` and
+            ``alpha``; its own target modules are used, ``dropout`` is this run's. The ``distill`` teacher
+            stays the base model without any adapter.
     """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
     target_modules: str | tuple[str, ...] = "all-linear"
+    init: str | None = None
 
 
 @dataclass(frozen=True)
@@ -274,10 +280,17 @@ class Trainer:
 
     def _wrap_lora(self, model: nn.Module) -> nn.Module:
         try:
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig, PeftModel, get_peft_model
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("LoRA needs peft: pip install 'blockrag[train]'") from e
         lora = self.config.lora
+        if lora.init is not None:
+            check_adapter(lora)
+            config = LoraConfig.from_pretrained(lora.init)
+            config.lora_dropout = lora.dropout  # a training setting: this run's, not the saved run's
+            # NOTE: peft copies the saved weights into adapter parameters of the model's dtype (float32 for a
+            # float32 model), so a float16 export trains like the float32 original.
+            return PeftModel.from_pretrained(model, lora.init, is_trainable=True, config=config)
         targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
         return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                 target_modules=targets, task_type="CAUSAL_LM"))
@@ -488,6 +501,22 @@ class Trainer:
         info = {"steps": self.step, "config": self.config.to_json()}
         (out / TRAINING_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         return out
+
+
+def check_adapter(lora: LoraSettings) -> None:
+    """Refuse ``lora.init`` unless it is a saved LoRA adapter with ``lora``'s rank and alpha."""
+    folder = Path(lora.init)
+    missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (folder / name).is_file()]
+    if missing:
+        raise InvalidInputError(f"expected a peft adapter directory (adapter_config.json, adapter_model.safetensors) "
+                                f"at {folder}, found no {' or '.join(missing)}; pass the folder that the adapter's "
+                                "save_pretrained wrote")
+    saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    found = (saved.get("peft_type"), saved.get("r"), saved.get("lora_alpha"))
+    if found != ("LORA", lora.r, lora.alpha):
+        raise InvalidInputError(f"expected the adapter at {folder} to be LoRA with r={lora.r}, alpha={lora.alpha} "
+                                f"(the LoRA settings), found peft_type={found[0]}, r={found[1]}, alpha={found[2]}; "
+                                "set the LoRA rank and alpha to the adapter's")
 
 
 def latest_checkpoint(path: str | Path) -> Path:
