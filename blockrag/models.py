@@ -10,6 +10,8 @@ integrations, ``blockrag eval`` and ``blockrag finetune`` all call :func:`load`.
 - a local model directory (``config.json`` + weights) or a Hugging Face Hub name (``org/name``) where the
   Hub is reachable or the model is in the local cache;
 - ``tiny-random`` / ``tiny-random:ARCH``: a tiny random model for tests (its answers are noise);
+- a PEFT LoRA adapter folder (``adapter_config.json`` + weights, what peft's ``save_pretrained`` writes): loaded
+  over the base its config names (``base_model_name_or_path``), merged in float32;
 - a name added with :func:`register` (e.g. an adapter over a base model).
 
 Bad input raises a typed error before any weights are read where possible: :class:`ModelNotFoundError`
@@ -25,6 +27,7 @@ import contextlib
 import difflib
 import functools
 import importlib.util
+import json
 import mmap
 import os
 import re
@@ -394,6 +397,8 @@ def resolve(name: str, gguf_file: str | None = None) -> ModelSource:
     if path.is_file():
         return _gguf_source(name, path)
     if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return ModelSource(name, "named", str(path), named=_adapter_entry(name, path))
         if (path / "config.json").is_file():
             return ModelSource(name, "dir", str(path))
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
@@ -574,6 +579,26 @@ def _quiet_loading(progress: bool) -> Iterator[None]:
         gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm = originals
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def _adapter_entry(name: str, folder: Path) -> NamedModel:
+    """A PEFT adapter folder as a base + adapter entry: the base is the one its config names
+    (``base_model_name_or_path``, what peft writes), checked to resolve before any weights are read."""
+    config_file = folder / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelNotFoundError(f"expected a PEFT adapter config (JSON) in {config_file}, found unreadable "
+                                 f"content: {error}") from error
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base.strip():
+        raise ModelNotFoundError(f"expected base_model_name_or_path (the model this adapter was trained on) in "
+                                 f"{config_file}, found {base!r}; register it with blockrag.models.register(name, "
+                                 "base=..., adapter=...) instead")
+    if Path(base).expanduser().resolve() == folder.resolve():
+        raise ModelNotFoundError(f"the adapter in {folder} names itself as its base model")
+    resolve(base)  # an unknown or missing base is refused here, before the adapter is read
+    return NamedModel(name, f"LoRA adapter {folder} over {base}", base=base, adapter=str(folder))
 
 
 def load(name: str = DEFAULT_MODEL, *, gguf_file: str | None = None, device: str | torch.device | None = None,

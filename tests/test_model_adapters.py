@@ -78,3 +78,34 @@ def test_an_adapter_is_merged_in_float32_before_a_bfloat16_cast(adapter_dir):
     twice = (w0.to(torch.bfloat16) + (scale * (b @ a)).to(torch.bfloat16))
     assert torch.equal(got, once)
     assert not torch.equal(once, twice)
+
+
+def test_an_adapter_folder_is_a_model_name_loaded_over_the_base_its_config_names(adapter_dir, tmp_path):
+    """What transformers does for a PEFT folder: ``load(DIR)`` merges the adapter into the base named by
+    ``base_model_name_or_path``, the same weights as a registered base + adapter name."""
+    import shutil
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, folder)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = "tiny-random"  # as finetune_real.py's export writes it
+    (folder / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+    register("adapted-folder-test", base="tiny-random", adapter=adapter_dir, description="test adapter", replace=True)
+    by_folder = load(str(folder), device="cpu", dtype="float32")
+    assert by_folder.source.kind == "named" and "tiny-random" in by_folder.source.describe()
+    by_name = dict(load("adapted-folder-test", device="cpu", dtype="float32").model.named_parameters())
+    base = dict(load("tiny-random", device="cpu", dtype="float32").model.named_parameters())
+    key = "model.layers.0.self_attn.q_proj.weight"
+    folder_weights = dict(by_folder.model.named_parameters())
+    assert torch.equal(folder_weights[key], by_name[key])
+    assert not torch.equal(folder_weights[key], base[key])  # negative control: the adapter was merged
+
+
+@pytest.mark.parametrize("config, match", [({"r": 4}, "base_model_name_or_path"),
+                                           ({"base_model_name_or_path": "no-such-model-here"}, "unknown model"),
+                                           (None, "unreadable")])
+def test_an_adapter_folder_with_a_bad_base_is_a_clear_error_before_any_weights(tmp_path, config, match):
+    text = "{not json" if config is None else json.dumps(config)
+    (tmp_path / "adapter_config.json").write_text(text, encoding="utf-8")
+    with pytest.raises(ModelNotFoundError, match=match):
+        load(str(tmp_path), device="cpu")
