@@ -373,7 +373,8 @@ def select_positions(model: nn.Module, recompute: Recompute | str, block_lengths
 
 @torch.inference_mode()
 def recompute_prefill(model: nn.Module, cache, context_ids: Sequence[int], positions: Sequence[int],
-                      final_ids: Sequence[int], *, capacity: int = 0) -> tuple[Tensor, KVCache]:
+                      final_ids: Sequence[int], *, capacity: int = 0,
+                      keep: int | None = None) -> tuple[Tensor, KVCache]:
     """Recompute the context tokens at ``positions`` and prefill the final block, in one forward pass.
 
     Args:
@@ -383,9 +384,11 @@ def recompute_prefill(model: nn.Module, cache, context_ids: Sequence[int], posit
         positions: sorted context positions to recompute (see ``select_positions``).
         final_ids: the final block's ids (F >= 1).
         capacity: extra room for tokens generated afterwards.
+        keep: None (default): the last final-block token's logits, (V,); K in 1..F: the last K final-block tokens'
+            logits, (K, V) (e.g. to score an answer fed at the end of the final block).
 
     Returns:
-        (logits of the last final-block token (V,) float32, the cache: N + F tokens, ready for decoding).
+        (logits float32, (V,) or (K, V) as ``keep`` says; the cache: N + F tokens, ready for decoding).
     """
     check_attention(model)
     device = next(model.parameters()).device
@@ -395,6 +398,8 @@ def recompute_prefill(model: nn.Module, cache, context_ids: Sequence[int], posit
         raise InvalidInputError(f"expected {n} context ids for a cache of {n} tokens, found {len(context_ids)}")
     if f < 1:
         raise InvalidInputError("expected a non-empty final block")
+    if keep is not None and not 1 <= keep <= f:
+        raise InvalidInputError(f"expected keep in 1..{f} (the final block's length) or None, found {keep}")
     selected = torch.as_tensor(list(positions), dtype=torch.long, device=device)
     if selected.numel() and (int(selected.min()) < 0 or int(selected.max()) >= n):
         raise InvalidInputError(f"expected recompute positions in 0..{n - 1}, found {positions[:5]}...")
@@ -408,5 +413,6 @@ def recompute_prefill(model: nn.Module, cache, context_ids: Sequence[int], posit
         layers.append(RecomputeLayer(buf_k, buf_v, n, slots, n + f))
     out_cache = _cache(model.config, layers)
     logits, _ = forward(model, torch.tensor([ids], device=device), position_ids=slots[None],
-                        attention_mask=explicit_mask(slots, n + f, model), cache=out_cache, logits_to_keep=1)
-    return logits[0, -1].float(), out_cache
+                        attention_mask=explicit_mask(slots, n + f, model), cache=out_cache,
+                        logits_to_keep=1 if keep is None else keep)
+    return (logits[0, -1] if keep is None else logits[0]).float(), out_cache

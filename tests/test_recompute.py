@@ -31,8 +31,8 @@ def _owners(block_lengths):
 
 
 @torch.no_grad()
-def reference_recompute(model, block_ids, final_ids, selected, wrong=False):
-    """Last-token logits of the hand-written sequence (see the module docstring).
+def reference_recompute(model, block_ids, final_ids, selected, wrong=False, keep=None):
+    """Last-token logits of the hand-written sequence (see the module docstring); keep=K: the last K tokens'.
 
     wrong=True: selected copies also see the context AFTER their position (a causality bug; negative control).
     """
@@ -58,7 +58,7 @@ def reference_recompute(model, block_ids, final_ids, selected, wrong=False):
     device = next(model.parameters()).device
     out = model(input_ids=torch.tensor([ids], device=device), attention_mask=to_model_mask(mask, model).to(device),
                 position_ids=torch.tensor([positions], device=device), use_cache=False)
-    return out.logits[0, -1].float().cpu()
+    return (out.logits[0, -1] if keep is None else out.logits[0, -keep:]).float().cpu()
 
 
 def _setup(engine, passages=PASSAGES):
@@ -115,6 +115,27 @@ def test_a_selection_equals_the_reference_for_it(arch, make_engine):
     assert (logits - result.logits).abs().max() > 1e-3
     full = engine.prefill(PASSAGES, QUESTION, mode="full")
     assert (logits - full.logits).abs().max() > 1e-3
+
+
+def test_kept_logits_of_the_last_final_tokens_equal_the_reference(make_engine):
+    """keep=K scores K tokens fed at the end of the final block (an answer, teacher-forced) in one pass."""
+    engine = make_engine("llama")
+    _, cache, block_ids, context, final = _setup(engine)
+    answer = engine.tokenizer.encode(" Paris, on the Seine.", add_special_tokens=False)
+    fed = final + answer
+    selected = list(range(len(block_ids[0]), len(context), 3))
+    kept, _ = recompute_prefill(engine.model, cache, context, selected, fed, keep=len(answer) + 1)
+    expected = reference_recompute(engine.model, block_ids, fed, selected, keep=len(answer) + 1)
+    assert kept.shape == (len(answer) + 1, expected.shape[-1])
+    torch.testing.assert_close(kept, expected, atol=1e-4, rtol=0)
+    last, _ = recompute_prefill(engine.model, cache, context, selected, fed)
+    torch.testing.assert_close(kept[-1], last, atol=1e-5, rtol=0)  # the default keeps the last token's only
+    # Negative controls: rows one token off, and block mode's logits (nothing recomputed), differ from them.
+    assert (kept[1:] - expected[:-1]).abs().max() > 1e-3
+    block, _ = recompute_prefill(engine.model, cache, context, [], fed, keep=len(answer) + 1)
+    assert (kept - block).abs().max() > 1e-3
+    with pytest.raises(InvalidInputError, match="keep"):
+        recompute_prefill(engine.model, cache, context, selected, fed, keep=len(fed) + 1)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "stablelm"])
