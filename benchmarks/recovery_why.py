@@ -26,13 +26,20 @@ Selections, about 20% of the passage tokens unless named otherwise:
   (seeded by the example);
 * oracles: ``gold`` (the whole gold passage, ~1/k of the tokens), ``distractors`` (every other passage),
   ``deviation:0.2 in gold`` (deviation:0.2's own picks that fall in the gold passage);
-* ``query passage``: the whole passage the question attends to most at layer 1 in block mode (practical).
+* ``query passage``: the whole passage the question attends to most at layer 1 in block mode (practical);
+* ``prefix``, ``prefix+deviation:0.2[@16]``: not a selection but a diagnostic of another block encoding: passage
+  i encoded as [block 0, passage i] at positions 0..T0+T_i-1 (block 0, the instruction, is the same in every
+  prompt, so this is still precomputable per passage), its keys then moved to its offset; it still sees no other
+  passage. Alone, and with deviation:0.2 recomputed over it. It tests whether the deviation at passage starts comes
+  from each passage starting a sequence of its own (an attention sink).
+
+``minus deviation:0.2`` is the paired difference of gap closed from deviation:0.2's, over the same resamples.
 
 Per layer it also reports the KV deviation of block mode from full attention: relative L2 of keys and values per
 passage token, and how concentrated it is (in the first 4 tokens of every passage, in the top 20% of tokens).
 
-    python benchmarks/recovery_why.py                   # CPU, the defaults (~25 minutes on 2 cores)
-    python benchmarks/recovery_why.py --per-set 1 --control-per-set 0 --out /tmp/why.json   # smoke
+    python benchmarks/recovery_why.py                   # CPU, the defaults: 3 + 1 per set, ~22 minutes on 2 cores
+    python benchmarks/recovery_why.py --sets disflqa --per-set 2 --control-per-set 0 --out /tmp/why.json  # ~1 min
 
 Prints a table and ends with one JSON line; writes ``--out`` (JSON) and the tables beside it (.md).
 """
@@ -66,9 +73,9 @@ from blockrag.assemble import assemble_cache  # noqa: E402
 from blockrag.decode import eos_ids  # noqa: E402
 from blockrag.encoder import BlockEncoder  # noqa: E402
 from blockrag.eval.report import cpu_name  # noqa: E402
-from blockrag.hf import forward, stacked_kv  # noqa: E402
+from blockrag.hf import buffer_cache, forward, stacked_kv  # noqa: E402
 from blockrag.recompute import query_scores, recompute_prefill, select_positions  # noqa: E402
-from blockrag.rope import rope_spec  # noqa: E402
+from blockrag.rope import rope_spec, rotate_keys  # noqa: E402
 from blockrag.template import get_template  # noqa: E402
 from blockrag.train.realqa import prompt_samples  # noqa: E402
 
@@ -77,6 +84,7 @@ CHECK_LAYERS = (1, 2, 4, 8, 16)
 RATIO = 0.2
 FIRST = 4  # tokens per passage counted as "first" (first:4; the attention sinks)
 MAX_NEW_TOKENS = 32  # the H200 run's limit: an answer that long was cut, not ended by EOS
+REFERENCE = "deviation:0.2"  # the selection every other is compared with, paired
 PREDICTIONS_MODEL = "model.gguf"  # the H200 run's label of SmolLM2-135M-Instruct Q4_1 (smollm2-135m here)
 
 
@@ -100,8 +108,8 @@ def order_key(example_id: str) -> str:
     return hashlib.sha256(example_id.encode("utf-8")).hexdigest()
 
 
-def choose(examples: Sequence[dict], predictions: Sequence[dict], per_set: int,
-           control_per_set: int) -> list[tuple[dict, str, str]]:
+def choose(examples: Sequence[dict], predictions: Sequence[dict], per_set: int, control_per_set: int,
+           sets: Sequence[str] = SETS) -> list[tuple[dict, str, str]]:
     """(example, group, full mode's prediction) for the first ``per_set`` gap and ``control_per_set`` control
     questions of every set, in sha256(id) order."""
     modes: dict[tuple[str, str], dict[str, dict]] = {}
@@ -109,7 +117,7 @@ def choose(examples: Sequence[dict], predictions: Sequence[dict], per_set: int,
         if row["model"] == PREDICTIONS_MODEL:
             modes.setdefault((row["source"], row["id"]), {})[row["mode"]] = row
     chosen = []
-    for source in SETS:
+    for source in sets:
         rows = sorted((e for e in examples if e["source"] == source), key=lambda e: order_key(e["id"]))
         for group, block_right, count in (("gap", 0.0, per_set), ("control", 1.0, control_per_set)):
             fits = [e for e in rows if (m := modes.get((source, e["id"]))) and m["full"]["accuracy"] == 1.0
@@ -164,6 +172,25 @@ def block_cache(model, prompt: Prompt):
     cache, n = assemble_cache(encoded, rope_spec(model), model.config, device, dtype=next(model.parameters()).dtype)
     assert n == len(prompt.context)
     return cache
+
+
+def prefix_cache(model, prompt: Prompt):
+    """Block mode with block 0 (the instruction) as every passage's prefix: each passage encoded after block 0 and
+    nothing else (it still sees no other passage), its keys moved from position T0 + j to its offset + j.
+
+    Block 0 is the same in every prompt of a template, so such passage KV could be stored as block KV is; the
+    engine does not do this (a diagnostic: does the missing prefix explain the deviation at passage starts?).
+    """
+    blocks = [prompt.context[r.start : r.stop] for r in spans(prompt.lengths)]
+    head = len(blocks[0])
+    encoded = BlockEncoder(model, fingerprint="", token_budget=1).encode(
+        [blocks[0] + b for b in blocks[1:]], [str(i) for i in range(1, len(blocks))])
+    inv_freq = rope_spec(model).inv_freq
+    keys = [encoded[0].keys[:, :, :head]] + [rotate_keys(e.keys[:, :, head:], r.start - head, inv_freq)
+                                             for e, r in zip(encoded, spans(prompt.lengths)[1:])]
+    values = [encoded[0].values[:, :, :head]] + [e.values[:, :, head:] for e in encoded]
+    keys, values = torch.cat(keys, dim=2)[:, None], torch.cat(values, dim=2)[:, None]  # (L, 1, H, N, D)
+    return buffer_cache(model.config, keys, values, len(prompt.context))
 
 
 def prefill_nll(model, cache, prompt: Prompt, positions: Sequence[int]) -> float:
@@ -221,8 +248,7 @@ def selections(model, prompt: Prompt, cache, score: Tensor, seed: int) -> dict[s
         chosen[spec] = select_positions(model, spec, prompt.lengths, prompt.context, cache, prompt.final)
     chosen["first:4+deviation:0.16"] = sorted(set(top(score[1], candidates, 0.16))
                                               | {p for r in passages for p in r[:FIRST]})
-    for ratio in (0.1, RATIO):
-        chosen[f"heads:{ratio}"] = [p for r in passages for p in r[: math.ceil(ratio * len(r))]]
+    chosen["heads:0.2"] = [p for r in passages for p in r[: math.ceil(RATIO * len(r))]]
     chosen["tails:0.2"] = [p for r in passages for p in r[len(r) - math.ceil(RATIO * len(r)) :]]
     chosen["random:0.2"] = sorted(shuffled[: math.ceil(RATIO * len(candidates))].tolist())
     chosen["gold"] = list(blocks[prompt.gold])
@@ -252,26 +278,32 @@ def kv_profile(deviation: dict[str, Tensor], prompt: Prompt) -> dict[str, list[f
 
 
 def measure(model, prompt: Prompt, seed: int, check_all: bool) -> dict:
-    """Every variant's answer NLL, recomputed tokens and share in the gold passage, and the KV profile."""
+    """Every variant's answer NLL, recomputed tokens and share in the gold passage, and the KV profiles."""
+    n, passage_tokens = len(prompt.context), len(prompt.context) - prompt.lengths[0]
+    gold = spans(prompt.lengths)[prompt.gold]
     full_nll, full_kv = full_pass(model, prompt)
-    cache = block_cache(model, prompt)
-    deviation = kv_deviation(full_kv, stacked_kv(cache), len(prompt.context))
+    cache, prefixed = block_cache(model, prompt), prefix_cache(model, prompt)
+    deviation = kv_deviation(full_kv, stacked_kv(cache), n)
+    prefix_deviation = kv_deviation(full_kv, stacked_kv(prefixed), n)
     del full_kv
     chosen = selections(model, prompt, cache, deviation["score"], seed)
-    engine_choice = select_positions(model, "deviation:0.2", prompt.lengths, prompt.context, cache, prompt.final)
-    mine = set(chosen["deviation:0.2"])
-    agreement = len(mine & set(engine_choice)) / max(1, len(mine | set(engine_choice)))
     if check_all:  # recomputing every passage token must give full mode's NLL
         chosen["all"] = [p for r in spans(prompt.lengths)[1:] for p in r]
-    passage_tokens = len(prompt.context) - prompt.lengths[0]
-    gold = spans(prompt.lengths)[prompt.gold]
+    candidates = [p for r in spans(prompt.lengths)[1:] for p in r]
+    on_prefix = {"prefix": [], **{f"prefix+{name}": top(prefix_deviation["score"][layer], candidates, RATIO)
+                                  for name, layer in (("deviation:0.2", 1), ("deviation:0.2@16", 16))}}
     nll = {"full": full_nll}
     nll.update({name: prefill_nll(model, cache, prompt, positions) for name, positions in chosen.items()})
+    nll.update({name: prefill_nll(model, prefixed, prompt, positions) for name, positions in on_prefix.items()})
+    chosen.update(on_prefix)
+    engine_choice = set(select_positions(model, "deviation:0.2", prompt.lengths, prompt.context, cache, prompt.final))
+    mine = set(chosen["deviation:0.2"])
     return {"source": prompt.source, "id": prompt.id, "group": prompt.group, "passage_tokens": passage_tokens,
             "gold_tokens": len(gold), "answer_tokens": len(prompt.answer), "nll": nll,
             "recomputed": {k: len(v) / passage_tokens for k, v in chosen.items()},
             "in_gold": {k: sum(p in gold for p in v) / max(1, len(v)) for k, v in chosen.items()},
-            "engine_deviation_agreement": round(agreement, 4), "kv": kv_profile(deviation, prompt)}
+            "engine_deviation_agreement": round(len(mine & engine_choice) / max(1, len(mine | engine_choice)), 4),
+            "kv": kv_profile(deviation, prompt), "kv_prefix": kv_profile(prefix_deviation, prompt)}
 
 
 # --- summary ----------------------------------------------------------------------------------------------------
@@ -279,16 +311,25 @@ def measure(model, prompt: Prompt, seed: int, check_all: bool) -> dict:
 
 def gap_closed(rows: Sequence[dict], variant: str) -> float | None:
     """(mean NLL_block - mean NLL_variant) / (mean NLL_block - mean NLL_full) over ``rows``."""
+    if not rows:
+        return None
     mean = {m: sum(r["nll"][m] for r in rows) / len(rows) for m in ("full", "block", variant)}
     gap = mean["block"] - mean["full"]
     return (mean["block"] - mean[variant]) / gap if gap > 0 else None
 
 
 def summarize(rows: Sequence[dict], *, replicates: int = 2000, seed: int = 0) -> dict:
+    """Per variant and group: mean NLL, gap closed with a 95% bootstrap interval (examples resampled, the same
+    resamples for every variant), per set, the median of per-example ratios (examples whose NLL gap is over 0.05
+    nats), the paired difference from deviation:0.2; per layer, the mean KV profiles."""
     import numpy as np
 
     variants = [v for v in rows[0]["nll"] if all(v in r["nll"] for r in rows)]
     rng = np.random.default_rng(seed)
+
+    def ci(values: list[float]) -> list[float] | None:
+        return [round(float(x), 3) for x in np.percentile(values, [2.5, 97.5])] if values else None
+
     out: dict = {"n": {}, "variants": {}}
     for group in ("gap", "control"):
         members = [r for r in rows if r["group"] == group]
@@ -296,23 +337,25 @@ def summarize(rows: Sequence[dict], *, replicates: int = 2000, seed: int = 0) ->
         if not members:
             continue
         draws = [[members[i] for i in rng.integers(0, len(members), len(members))] for _ in range(replicates)]
+        reference = [gap_closed(d, REFERENCE) for d in draws]
         for v in variants:
-            entry = out["variants"].setdefault(v, {})
-            closed = gap_closed(members, v)
-            boot = [c for d in draws if (c := gap_closed(d, v)) is not None]
+            closed, boot = gap_closed(members, v), [gap_closed(d, v) for d in draws]
             per_example = [(r["nll"]["block"] - r["nll"][v]) / (r["nll"]["block"] - r["nll"]["full"])
                            for r in members if r["nll"]["block"] - r["nll"]["full"] > 0.05]
-            entry[group] = {
+            per_set = {s: gap_closed([r for r in members if r["source"] == s], v) for s in SETS}
+            out["variants"].setdefault(v, {})[group] = {
                 "nll": round(sum(r["nll"][v] for r in members) / len(members), 4),
                 "gap_closed": None if closed is None else round(closed, 3),
-                "ci": [round(float(x), 3) for x in np.percentile(boot, [2.5, 97.5])] if boot else None,
+                "ci": ci([c for c in boot if c is not None]),
+                "minus_reference": None if closed is None else round(closed - gap_closed(members, REFERENCE), 3),
+                "minus_reference_ci": ci([c - b for c, b in zip(boot, reference) if c is not None and b is not None]),
                 "median_per_example": round(float(np.median(per_example)), 3) if per_example else None,
-                "per_set": {s: None if (c := gap_closed([r for r in members if r["source"] == s], v)) is None
-                            else round(c, 3) for s in SETS if any(r["source"] == s for r in members)},
+                "per_set": {s: None if c is None else round(c, 3) for s, c in per_set.items()},
                 "recomputed": round(sum(r["recomputed"].get(v, 0.0) for r in members) / len(members), 4),
                 "in_gold": round(sum(r["in_gold"].get(v, 0.0) for r in members) / len(members), 4)}
-    out["kv"] = {k: [round(sum(r["kv"][k][layer] for r in rows) / len(rows), 4)
-                     for layer in range(len(rows[0]["kv"][k]))] for k in rows[0]["kv"]}
+    for name in ("kv", "kv_prefix"):
+        out[name] = {k: [round(sum(r[name][k][layer] for r in rows) / len(rows), 4)
+                         for layer in range(len(rows[0][name][k]))] for k in rows[0][name]}
     gold_share = sum(r["gold_tokens"] / r["passage_tokens"] for r in rows) / len(rows)
     out["gold_share_of_passage_tokens"] = round(gold_share, 4)
     out["engine_deviation_agreement_min"] = min(r["engine_deviation_agreement"] for r in rows)
@@ -323,31 +366,37 @@ def tables(summary: dict) -> str:
     def fmt(x, spec="+.2f"):
         return "-" if x is None else format(x, spec)
 
+    def interval(entry: dict, key: str) -> str:
+        bounds = entry.get(f"{key}_ci" if key != "gap_closed" else "ci")
+        return fmt(entry.get(key)) + (f" [{bounds[0]:+.2f}, {bounds[1]:+.2f}]" if bounds else "")
+
     n = summary["n"]
     lines = [f"gap questions (full right, block wrong on the H200): {n['gap']}; control (both right): "
              f"{n['control']}", "",
-             "| variant | recomputed | in gold | NLL (gap) | gap closed [95% CI] | " + " | ".join(SETS)
-             + " | median per example | control: NLL, gap closed |", "|---" * (8 + len(SETS)) + "|"]
+             "| variant | recomputed | in gold | NLL | gap closed [95% CI] | " + " | ".join(SETS)
+             + f" | median per example | minus {REFERENCE} [95% CI] | control: NLL, gap closed |",
+             "|---" * (9 + len(SETS)) + "|"]
     for name, entry in summary["variants"].items():
         gap, control = entry.get("gap", {}), entry.get("control")
-        ci = gap.get("ci")
         lines.append(
             f"| {name} | {100 * gap.get('recomputed', 0):.1f}% | {100 * gap.get('in_gold', 0):.0f}% | "
-            f"{gap.get('nll', 0):.3f} | {fmt(gap.get('gap_closed'))}"
-            + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") + " | "
+            f"{gap.get('nll', 0):.3f} | {interval(gap, 'gap_closed')} | "
             + " | ".join(fmt(gap.get("per_set", {}).get(s)) for s in SETS)
-            + f" | {fmt(gap.get('median_per_example'))} | "
+            + f" | {fmt(gap.get('median_per_example'))} | {interval(gap, 'minus_reference')} | "
             + (f"{control['nll']:.3f}, {fmt(control['gap_closed'])}" if control else "-") + " |")
-    kv = summary["kv"]
-    lines += ["", f"KV deviation of block mode from full attention, per layer (mean over examples; the gold passage "
-              f"holds {100 * summary['gold_share_of_passage_tokens']:.0f}% of the passage tokens):", "",
-              "| layer | key rel. L2 | value rel. L2 | first-4 lift | top-20% share | gold / distractors |",
-              "|---|---|---|---|---|---|"]
+    kv, prefix = summary["kv"], summary["kv_prefix"]
+    lines += ["", "KV deviation from full attention per layer, over passage tokens (mean over examples; the gold "
+              f"passage holds {100 * summary['gold_share_of_passage_tokens']:.0f}% of the passage tokens). "
+              "first-4 lift: the deviation score's share in the first 4 tokens of every passage over their share of "
+              "tokens; top-20% share: the share held by the 20% most deviating tokens.", "",
+              "| layer | key rel. L2 | value rel. L2 | first-4 lift | top-20% share | gold / distractors | "
+              "prefix: key rel. L2 | prefix: value rel. L2 | prefix: first-4 lift |", "|---" * 9 + "|"]
     layers = len(kv["key"])
     for layer in sorted({0, 1, 2, 3, 4, 6, 8, 12, 16, 20, 24, layers - 1}):
         lines.append(f"| {layer} | {kv['key'][layer]:.3f} | {kv['value'][layer]:.3f} | "
                      f"{kv['first4_lift'][layer]:.1f}x | {100 * kv['top20_share'][layer]:.0f}% | "
-                     f"{kv['gold_over_distractors'][layer]:.2f} |")
+                     f"{kv['gold_over_distractors'][layer]:.2f} | {prefix['key'][layer]:.3f} | "
+                     f"{prefix['value'][layer]:.3f} | {prefix['first4_lift'][layer]:.1f}x |")
     return "\n".join(lines)
 
 
@@ -365,8 +414,9 @@ def main(argv=None) -> int:
     parser.add_argument("--examples", default=str(ROOT / ".gpu/recovery/eval.jsonl.xz"))
     parser.add_argument("--predictions", default=str(ROOT / "benchmarks/results/recovery_real_h200/predictions.jsonl"))
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--per-set", type=int, default=4, help="gap questions per set")
+    parser.add_argument("--per-set", type=int, default=3, help="gap questions per set")
     parser.add_argument("--control-per-set", type=int, default=1, help="control questions per set")
+    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, of {SETS}")
     parser.add_argument("--seed", type=int, default=0, help="of the random control selection")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -381,8 +431,11 @@ def main(argv=None) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert eos in eos_ids(model, tokenizer), "expected <|im_end|> to end the chat template's answers"
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    if not sets or any(s not in SETS for s in sets):
+        raise SystemExit(f"expected --sets of {SETS}, found {args.sets!r}")
     chosen = choose(read_jsonl(Path(args.examples)), read_jsonl(Path(args.predictions)), args.per_set,
-                    args.control_per_set)
+                    args.control_per_set, sets)
     prompts = build_prompts(chosen, get_template("chat", tokenizer), tokenizer, eos)
     log(f"{len(prompts)} examples; mean context {sum(len(p.context) for p in prompts) / len(prompts):.0f} tokens")
     rows = []
@@ -401,7 +454,7 @@ def main(argv=None) -> int:
               "python": platform.python_version(), "commit": git_commit(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "settings": {"per_set": args.per_set, "control_per_set": args.control_per_set, "seed": args.seed,
-                           "sets": list(SETS), "ratio": RATIO, "check_layers": list(CHECK_LAYERS),
+                           "sets": sets, "ratio": RATIO, "check_layers": list(CHECK_LAYERS),
                            "examples": Path(args.examples).name, "predictions": Path(args.predictions).name},
               "all_minus_full_nll_first_example": round(check, 6), "wall_s": round(time.perf_counter() - start, 1),
               "summary": summary, "rows": rows}
