@@ -720,22 +720,21 @@ def _load_named(entry: NamedModel, device: torch.device, dtype: torch.dtype, att
                 trust_remote_code: bool, progress: bool):
     if entry.loader is not None:
         return entry.loader(device=device, dtype=dtype, attn_implementation=attn_implementation)
+    if entry.adapter is not None:  # checked before any weights are read
+        adapter = Path(entry.adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise ModelNotFoundError(f"model {entry.name!r}: expected a PEFT adapter (adapter_config.json) in "
+                                     f"{adapter}, found none")
+        try:
+            from peft import PeftModel
+        except ImportError as error:
+            raise ModelNotFoundError(f"model {entry.name!r} is a LoRA adapter and needs peft: pip install "
+                                     "'blockrag[train]'") from error
+    # An adapter's update B @ A is merged into float32 weights, then cast once: merged into bfloat16 weights it
+    # would be rounded on top of weights already rounded (tests/test_model_adapters.py).
+    base = load(entry.base, device="cpu", dtype=dtype if entry.adapter is None else "float32",
+                attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, progress=progress)
     if entry.adapter is None:
-        base = load(entry.base, device="cpu", dtype=dtype, attn_implementation=attn_implementation,
-                    trust_remote_code=trust_remote_code, progress=progress)
         return base.model, base.tokenizer
-    adapter = Path(entry.adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise ModelNotFoundError(f"model {entry.name!r}: expected a PEFT adapter (adapter_config.json) in {adapter}, "
-                                 "found none")
-    try:
-        from peft import PeftModel
-    except ImportError as error:
-        raise ModelNotFoundError(f"model {entry.name!r} is a LoRA adapter and needs peft: pip install 'blockrag[train]'"
-                                 ) from error
-    # The update B @ A is merged into float32 weights, then cast: merging into bfloat16 weights would round the
-    # small update away where it matters (it is a few parts in a thousand of most weights).
-    base = load(entry.base, device="cpu", dtype="float32", attn_implementation=attn_implementation,
-                trust_remote_code=trust_remote_code, progress=progress)
     merged = PeftModel.from_pretrained(base.model, str(adapter)).merge_and_unload()
     return merged.to(dtype), base.tokenizer
