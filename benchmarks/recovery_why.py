@@ -74,7 +74,7 @@ from blockrag.decode import eos_ids  # noqa: E402
 from blockrag.encoder import BlockEncoder  # noqa: E402
 from blockrag.eval.report import cpu_name  # noqa: E402
 from blockrag.hf import buffer_cache, forward, stacked_kv  # noqa: E402
-from blockrag.recompute import query_scores, recompute_prefill, select_positions  # noqa: E402
+from blockrag.recompute import block_offsets, query_scores, recompute_prefill, select_positions  # noqa: E402
 from blockrag.rope import rope_spec, rotate_keys  # noqa: E402
 from blockrag.template import get_template  # noqa: E402
 from blockrag.train.realqa import prompt_samples  # noqa: E402
@@ -144,8 +144,7 @@ def build_prompts(chosen, template, tokenizer, eos: int) -> list[Prompt]:
 
 def spans(lengths: Sequence[int]) -> list[range]:
     """Context positions of every block."""
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    return [range(s, s + n) for s, n in zip(starts, lengths)]
+    return [range(start, start + n) for start, n in zip(block_offsets(lengths), lengths)]
 
 
 def answer_nll(logits: Tensor, answer: Sequence[int]) -> float:
