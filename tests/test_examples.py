@@ -48,7 +48,7 @@ def _check_common(out: str, answers: int) -> None:
 
 
 def test_quickstart(monkeypatch, capsys, tmp_path):
-    out = _run("quickstart", [*TINY, "--kb", str(tmp_path / "kb")], monkeypatch, capsys)
+    out = _run("quickstart", [*TINY, "--kb", str(tmp_path / "kb"), "--recompute", "recommended"], monkeypatch, capsys)
     _check_common(out, answers=4)
     assert "[kb] 30 documents" in out
     # ingest stored every passage block: block mode encodes nothing at question time
@@ -62,6 +62,25 @@ def test_quickstart(monkeypatch, capsys, tmp_path):
                           r"[1-9]\d* prefilled", out)) == 4
     assert len(re.findall(r"TTFT: block mode \d+ ms \([\d.]+x\), block \+ recovery \d+ ms \([\d.]+x\) "
                           r"vs full \d+ ms", out)) == 4
+    # without --recompute (what make demo runs): block and full mode side by side, no recovery column
+    plain = _run("quickstart", [*TINY, "--kb", str(tmp_path / "kb")], monkeypatch, capsys)
+    assert "recovery" not in plain and "[kb] opened" in plain
+    assert len(re.findall(r"^  block mode: ", plain, flags=re.M)) == 8  # answer + usage line per question
+    assert len(re.findall(r"TTFT: block mode \d+ ms \([\d.]+x\) vs full \d+ ms", plain)) == 4
+
+
+def test_the_examples_default_to_the_shipped_block_ready_model(monkeypatch):
+    from blockrag.models import BLOCK_READY_MODEL, resolve
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location("blockrag_example_common", EXAMPLES / "_common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    assert common.DEFAULT_MODEL == BLOCK_READY_MODEL
+    assert common.parser("x").parse_args([]).model == BLOCK_READY_MODEL
+    assert resolve(BLOCK_READY_MODEL).named.base == "smollm2-135m"  # the base model stays one flag away
+
+
 
 
 def test_langchain_qa(monkeypatch, capsys):

@@ -51,12 +51,6 @@ def test_an_adapter_folder_without_its_config_is_a_clear_error(tmp_path):
         load("adapted-broken-test", device="cpu")
 
 
-def test_no_block_adapter_is_registered_until_one_meets_its_target():
-    """The earlier smollm2-135m-block (6 CPU steps) lowered accuracy in both modes; it was removed and no
-    GPU-trained one has met the block-within-1-point target yet (README, block fine-tuning a real model)."""
-    assert "smollm2-135m-block" not in names()
-
-
 def test_an_adapter_is_merged_in_float32_before_a_bfloat16_cast(adapter_dir):
     """In bfloat16 the merged weights are (float32 base + update) rounded once, not the update added to weights
     already rounded to bfloat16 (which loses part of a small update: the negative control)."""
