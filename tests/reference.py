@@ -34,6 +34,20 @@ def reference_block_mask(block_lengths, final_length):
     return mask
 
 
+def reference_prefixed_mask(block_lengths, final_length):
+    """As reference_block_mask, and every context block also sees block 0 (passages encoded after block 0)."""
+    n = sum(block_lengths) + final_length
+    owner = []
+    for index, length in enumerate(block_lengths):
+        owner += [index] * length
+    owner += [None] * final_length
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(i + 1):
+            mask[i, j] = owner[i] is None or owner[i] == owner[j] or owner[j] == 0
+    return mask
+
+
 def to_model_mask(mask, model):
     """The 4D mask the model's attention backend takes as given: bool for sdpa, additive for eager."""
     mask = mask[None, None]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from reference import reference_prefixed_mask, to_model_mask
 
 from blockrag import BlockEngine, Passage
 from blockrag.errors import InvalidInputError
@@ -70,6 +71,33 @@ def test_prefill_logits_equal_the_engine_and_a_wrong_selection_differs(setup, to
     for other in (wrong.logits, torch.stack([engine.prefill(p, q).logits for p, q in _cases()]),
                   torch.stack([engine.prefill(p, q, mode="full").logits for p, q in _cases()])):
         assert ((other - expected).abs().amax(dim=-1) > 1e-3).all()
+
+
+@torch.no_grad()
+def _prefixed_reference_logits(model, sample):
+    """Last-token logits of one forward over the whole prompt with the loop-built prefixed mask (every passage sees
+    block 0 and itself), positions 0..N-1: what context="prefixed" with nothing recomputed must give."""
+    ids = [t for block in sample.blocks for t in block] + list(sample.final)
+    mask = reference_prefixed_mask([len(b) for b in sample.blocks], len(sample.final))
+    out = model(input_ids=torch.tensor([ids]), attention_mask=to_model_mask(mask, model),
+                position_ids=torch.arange(len(ids))[None], use_cache=False)
+    return out.logits[0, -1].float()
+
+
+def test_prefixed_context_equals_a_one_pass_reference_and_differs_from_block_mode(setup, tokenizer):
+    model, engine, samples = setup
+    expected = torch.stack([_prefixed_reference_logits(model, s) for s in samples])
+    got = recompute_prefill_batch(model, samples, "none", pad_id=tokenizer.pad_token_id, context="prefixed")
+    torch.testing.assert_close(got.logits, expected, atol=1e-4, rtol=0)
+    block = recompute_prefill_batch(model, samples, "none", pad_id=tokenizer.pad_token_id)
+    assert ((block.logits - expected).abs().amax(dim=-1) > 1e-3).all()  # negative control: block mode differs
+    # recomputing everything over a prefixed context is still full mode
+    everything = recompute_answers(model, tokenizer, samples, "all", max_new_tokens=NEW_TOKENS, context="prefixed")
+    assert everything.answers == greedy_answers(model, tokenizer, samples, "full", max_new_tokens=NEW_TOKENS)
+    with pytest.raises(InvalidInputError, match="context"):
+        recompute_answers(model, tokenizer, samples, "none", context="shared")
+    with pytest.raises(InvalidInputError, match="encoded alone"):
+        recompute_answers(model, tokenizer, samples, "none", kv="fp8", context="prefixed")
 
 
 def _reference_mask(sample, selected):

@@ -22,6 +22,11 @@ e4m3 with per-(layer, head) scales (``KVBlock.quantize``), then each prompt's bl
 rotated to their offsets by ``blockrag.assemble.assemble_cache``, the engine's own call. Here "equal up to rounding"
 is not enough: fp8 rounding of keys at final positions would differ from that of keys at 0..T-1, so the blocks go
 through the engine's path. With ``recompute="none"`` this is block mode over fp8 blocks.
+
+``context="prefixed"`` changes step 1 to a diagnostic the engine does not serve: every passage attends to block 0
+(the instruction) as well as to itself (``block_attention_mask(..., shared_prefix=True)``), as if each passage were
+encoded after the instruction block; passages stay blind to each other. Block 0 is the same in every prompt of a
+template, so such passage KV could still be computed once per passage. Selections then read that context KV.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from blockrag.train.generate import greedy_decode, in_length_order, prepared_mas
 _NEEDS_KV = ("deviation", "query")  # strategies whose selection reads the block-mode KV
 KVFormat = Literal["native", "fp8"]
 KV_FORMATS = ("native", "fp8")
+ContextMask = Literal["block", "prefixed"]
+CONTEXT_MASKS = ("block", "prefixed")
 _ENCODE_BUDGET = 8192  # tokens per encoding forward, the engine's default token_budget
 
 
@@ -56,8 +63,9 @@ def _context_ids(sample: Sample) -> list[int]:
     return [t for block in sample.blocks for t in block]
 
 
-def _context_pass(model, samples: Sequence[Sample], pad_id: int, device):
-    """(cache with (B, H, C, D) block KV of the left-padded contexts, C = the longest context)."""
+def _context_pass(model, samples: Sequence[Sample], pad_id: int, device, context: ContextMask = "block"):
+    """(cache with (B, H, C, D) block KV of the left-padded contexts, C = the longest context); ``context``
+    "prefixed": every passage also attends to block 0."""
     lengths = [sum(map(len, s.blocks)) for s in samples]
     longest = max(lengths)
     ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
@@ -68,7 +76,8 @@ def _context_pass(model, samples: Sequence[Sample], pad_id: int, device):
         start = longest - n
         ids[row, start:] = torch.tensor(_context_ids(sample))
         positions[row, start:] = torch.arange(n)
-        mask[row, start:, start:] = block_attention_mask([len(b) for b in sample.blocks], 0)
+        mask[row, start:, start:] = block_attention_mask([len(b) for b in sample.blocks], 0,
+                                                         shared_prefix=context == "prefixed")
     _, cache = forward(model, ids.to(device), position_ids=positions.to(device),
                        attention_mask=prepared_mask(model, mask[:, None].to(device)), logits_to_keep=1)
     return cache
@@ -121,9 +130,13 @@ def _check_selection(selected: Sequence[int], sample: Sample, index: int) -> lis
     return chosen
 
 
-def _check_arguments(samples: Sequence[Sample], recompute, selections, kv: str = "native"):
+def _check_arguments(samples: Sequence[Sample], recompute, selections, kv: str = "native", context: str = "block"):
     if kv not in KV_FORMATS:
         raise InvalidInputError(f"expected kv in {KV_FORMATS}, found {kv!r}")
+    if context not in CONTEXT_MASKS:
+        raise InvalidInputError(f"expected context in {CONTEXT_MASKS}, found {context!r}")
+    if context == "prefixed" and kv == "fp8":
+        raise InvalidInputError("expected kv='native' with context='prefixed': fp8 blocks are encoded alone")
     if (recompute is None) == (selections is None):
         raise InvalidInputError("expected exactly one of recompute (a selection such as 'deviation:0.2') and "
                                 f"selections (positions per sample), found recompute={recompute!r} and "
@@ -192,16 +205,16 @@ class RecomputePrefill(NamedTuple):
 @torch.inference_mode()
 def recompute_prefill_batch(model, samples: Sequence[Sample], recompute: str | Recompute | None = None, *,
                             selections: Sequence[Sequence[int]] | None = None, pad_id: int = 0,
-                            kv: KVFormat = "native") -> RecomputePrefill:
+                            kv: KVFormat = "native", context: ContextMask = "block") -> RecomputePrefill:
     """Steps 1 and 2 of the module docstring for one batch (no sorting, no splitting; see ``recompute_answers``
     for the arguments): ``recompute`` chooses each row's positions as the engine does, or ``selections`` gives them.
     """
-    recompute, selections = _check_arguments(samples, recompute, selections, kv)
+    recompute, selections = _check_arguments(samples, recompute, selections, kv, context)
     device = next(model.parameters()).device
     if kv == "fp8":
         cache = _fp8_context_pass(model, samples, device)
     else:
-        cache = _context_pass(model, samples, pad_id, device)
+        cache = _context_pass(model, samples, pad_id, device, context)
     if selections is None:
         reads_kv = any(part.strategy in _NEEDS_KV for part in recompute.parts)
         selections = []
@@ -222,7 +235,7 @@ def recompute_prefill_batch(model, samples: Sequence[Sample], recompute: str | R
 def recompute_answers(model, tokenizer, samples: Sequence[Sample], recompute: str | Recompute | None = None, *,
                       selections: Sequence[Sequence[int]] | None = None, max_new_tokens: int = 32,
                       batch_size: int = 32, eos_ids: Iterable[int] | None = None,
-                      kv: KVFormat = "native") -> RecomputeAnswers:
+                      kv: KVFormat = "native", context: ContextMask = "block") -> RecomputeAnswers:
     """Greedy answers of every sample's prompt in block mode with selective recompute.
 
     Args:
@@ -235,15 +248,18 @@ def recompute_answers(model, tokenizer, samples: Sequence[Sample], recompute: st
         batch_size: prompts per batched call; prompts are sorted by length first to limit padding.
         kv: "native" (block KV in the model's dtype) or "fp8": every context block (block 0 included) as an fp8
             store serves it (see the module docstring); ``recompute="none", kv="fp8"`` is block mode over fp8 KV.
+        context: "block" (every context block alone, what the engine caches) or "prefixed" (every passage also
+            attends to block 0; a diagnostic, see the module docstring).
 
     Returns:
         answers (EOS excluded) and the recomputed positions, both in the order of ``samples``.
     """
-    spec, selections = _check_arguments(samples, recompute, selections, kv)
+    spec, selections = _check_arguments(samples, recompute, selections, kv, context)
 
     def run(rows: list[int], eos: frozenset[int], pad: int) -> list[tuple[list[int], list[int]]]:
         given = [selections[i] for i in rows] if selections is not None else None
-        out = recompute_prefill_batch(model, [samples[i] for i in rows], spec, selections=given, pad_id=pad, kv=kv)
+        out = recompute_prefill_batch(model, [samples[i] for i in rows], spec, selections=given, pad_id=pad, kv=kv,
+                                      context=context)
         ids = greedy_decode(model, out.logits, out.cache, out.visible, out.next_position, max_new_tokens, eos)
         return list(zip(ids, out.selected))
 
