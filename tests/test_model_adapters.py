@@ -103,3 +103,91 @@ def test_an_adapter_folder_with_a_bad_base_is_a_clear_error_before_any_weights(t
     (tmp_path / "adapter_config.json").write_text(text, encoding="utf-8")
     with pytest.raises(ModelNotFoundError, match=match):
         load(str(tmp_path), device="cpu")
+
+
+def _peft_adapter(path, **lora):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    base = load("tiny-random", device="cpu", dtype="float32").model
+    peft_model = get_peft_model(base, LoraConfig(**lora))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    peft_model.save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize("lora", [
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]),
+    dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"],
+         rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 4})])
+def test_the_merge_equals_peft_merge_and_unload(tmp_path, monkeypatch, lora):
+    """blockrag merges without peft; peft's own merge_and_unload is the independent reference (rsLoRA scaling,
+    per-module ranks and alphas included). peft is hidden while blockrag loads: it is not needed."""
+    import sys
+
+    from peft import PeftModel
+
+    folder = _peft_adapter(tmp_path / "adapter", **lora)
+    ids = torch.randint(0, 200, (1, 24))
+    base = load("tiny-random", device="cpu", dtype="float32").model
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        expected = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()(input_ids=ids).logits
+    register("adapted-peft-free-test", base="tiny-random", adapter=folder, description="test", replace=True)
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
+    with torch.no_grad():
+        got = load("adapted-peft-free-test", device="cpu", dtype="float32").model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert float((got - before).abs().max()) > 1e-3  # negative control: the adapter changes the logits
+
+
+def _rewrite(folder, config=None, tensors=None):
+    from safetensors.torch import save_file
+
+    if config is not None:
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), **config}), encoding="utf-8")
+    if tensors is not None:
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+
+
+def _bad_adapter(tmp_path, adapter_dir, case):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / case
+    shutil.copytree(adapter_dir, folder)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    if case == "dora":
+        _rewrite(folder, config={"use_dora": True})
+    elif case == "bias":
+        _rewrite(folder, config={"bias": "all"})
+    elif case == "pickle":
+        (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+    elif case == "embedding":
+        _rewrite(folder, tensors={**tensors, "base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(4, 9)})
+    elif case == "missing_module":
+        _rewrite(folder, tensors={**tensors, q.replace("layers.0", "layers.7") + ".lora_A.weight": torch.ones(4, 64),
+                                  q.replace("layers.0", "layers.7") + ".lora_B.weight": torch.ones(64, 4)})
+    elif case == "shape":
+        _rewrite(folder, tensors={**tensors, q + ".lora_A.weight": torch.ones(4, 96)})
+    return folder
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("dora", "UnsupportedModelError", "use_dora"), ("bias", "UnsupportedModelError", "bias"),
+    ("pickle", "ModelNotFoundError", "pickle"), ("embedding", "UnsupportedModelError", "lora_embedding_A"),
+    ("missing_module", "UnsupportedModelError", "does not have"), ("shape", "UnsupportedModelError", "shape")])
+def test_an_adapter_a_plain_merge_cannot_load_is_a_clear_error(tmp_path, adapter_dir, case, error, match):
+    import blockrag.models as models
+
+    folder = _bad_adapter(tmp_path, adapter_dir, case)
+    register(f"adapted-bad-{case}", base="tiny-random", adapter=folder, description="test", replace=True)
+    with pytest.raises(getattr(models, error), match=match):
+        load(f"adapted-bad-{case}", device="cpu")
