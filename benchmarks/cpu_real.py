@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from blockrag import BlockEngine, Passage  # noqa: E402
 from blockrag.eval.report import cpu_name  # noqa: E402
-from blockrag.models import DEFAULT_MODEL, load, resolve  # noqa: E402
+from blockrag.models import BASE_MODEL, load, resolve  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_block_ttft import profile_pass  # noqa: E402  (one profile of a block pass for both benchmarks)
@@ -120,10 +120,10 @@ def llama_prefill(llm, ids: list[int], keep: int = 0) -> None:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    source = resolve(DEFAULT_MODEL)
+    source = resolve(BASE_MODEL)
     gguf_path = source.gguf.path
     t0 = time.perf_counter()
-    loaded = load(DEFAULT_MODEL, device="cpu", dtype=torch.float32)
+    loaded = load(BASE_MODEL, device="cpu", dtype=torch.float32)
     load_s = time.perf_counter() - t0
     engine = BlockEngine(loaded.model, loaded.tokenizer)
     # the engine's own GQA-folded attention (context unmasked through the CPU flash kernel + causal tail)
@@ -169,7 +169,7 @@ def run(args) -> dict:
 
         llama_version = llama_cpp.__version__
     return {"benchmark": "cpu_real", "device": f"{cpu_name()}, {os.cpu_count()} cores", "threads": args.threads,
-            "model": f"{DEFAULT_MODEL} ({source.describe()})", "torch_dtype": "float32 (GGUF dequantised)",
+            "model": f"{BASE_MODEL} ({source.describe()})", "torch_dtype": "float32 (GGUF dequantised)",
             "llama_cpp": llama_version or "not installed (pip install 'blockrag[bench]')",
             "block_tokens": args.block_tokens, "question": QUESTION, "load_s": load_s, "rows": rows,
             "note": "shared machine: load average (1 min) recorded before/after each row"}
@@ -210,7 +210,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("time to first token (ms)")
-    ax.set_title(f"{result['device']}, {result['threads']} threads\n{DEFAULT_MODEL}", fontsize=9)
+    ax.set_title(f"{result['device']}, {result['threads']} threads\n{BASE_MODEL}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

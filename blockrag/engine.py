@@ -108,21 +108,22 @@ class BlockEngine:
             self.graphs = FinalBlockGraphs(model, cuda_graphs)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "smollm2-135m", *, gguf_file: str | None = None,
+    def from_pretrained(cls, name_or_path: str | None = None, *, gguf_file: str | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
                         attn_implementation: str = "sdpa", template: str | BlockTemplate | None = None,
                         trust_remote_code: bool = False, **engine_kwargs) -> BlockEngine:
-        """Load a model and tokenizer through ``blockrag.models.load``: a short name (default: the embedded
-        ``smollm2-135m``), a ``.gguf`` file (or a directory / Hub repo plus ``gguf_file``), a local directory,
-        a Hub name, or ``tiny-random``.
+        """Load a model and tokenizer through ``blockrag.models.load``: a short name (default
+        ``blockrag.models.DEFAULT_MODEL``, ``smollm2-135m-block``: the embedded SmolLM2-135M-Instruct block fine-tuned;
+        ``smollm2-135m`` is the base model), a ``.gguf`` file (or a directory / Hub repo plus ``gguf_file``), a local
+        directory, a Hub name, or ``tiny-random``.
 
         device defaults to CUDA when available, else CPU; dtype to bfloat16 on CUDA, float32 on CPU.
         template defaults to the named model's own, else "chat".
         """
-        from blockrag.models import load
+        from blockrag.models import DEFAULT_MODEL, load
 
-        loaded = load(name_or_path, gguf_file=gguf_file, device=device, dtype=dtype,
-                      attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+        loaded = load(DEFAULT_MODEL if name_or_path is None else name_or_path, gguf_file=gguf_file, device=device,
+                      dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
         return cls(loaded.model, loaded.tokenizer, template=template or loaded.template or "chat", **engine_kwargs)
 
     @classmethod

@@ -43,12 +43,37 @@ def test_adapter_files_are_a_small_float16_lora_over_the_embedded_model():
         assert len(b) == len(MODULES) and all(float(t.abs().max()) > 0 for t in b), layer
 
 
-def test_the_short_name_is_registered_over_the_default_model():
-    from blockrag.models import BLOCK_READY_MODEL, DEFAULT_MODEL, names, resolve
+def test_the_short_name_is_registered_over_the_base_model_and_is_the_default(monkeypatch):
+    import blockrag.models as models
+    from blockrag import BlockEngine
 
-    assert BLOCK_READY_MODEL == "smollm2-135m-block" and BLOCK_READY_MODEL in names()
-    named = resolve(BLOCK_READY_MODEL).named
-    assert Path(named.adapter) == ADAPTER and named.base == DEFAULT_MODEL
+    assert models.BLOCK_READY_MODEL == "smollm2-135m-block" and models.BLOCK_READY_MODEL in models.names()
+    assert models.DEFAULT_MODEL == models.BLOCK_READY_MODEL and models.BASE_MODEL == "smollm2-135m"
+    named = models.resolve(models.BLOCK_READY_MODEL).named
+    assert Path(named.adapter) == ADAPTER and named.base == models.BASE_MODEL
+
+    asked = []
+
+    def fake_load(name, **kwargs):
+        asked.append(name)
+        raise models.ModelNotFoundError("stop here")
+
+    monkeypatch.setattr(models, "load", fake_load)
+    for call in (lambda: BlockEngine.from_pretrained(), lambda: BlockEngine.from_pretrained("smollm2-135m")):
+        with pytest.raises(models.ModelNotFoundError, match="stop here"):
+            call()
+    assert asked == [models.DEFAULT_MODEL, "smollm2-135m"]
+
+
+def test_a_missing_base_is_refused_when_the_name_resolves(tmp_path):
+    """Without its base's package the adapter name is refused at resolve, naming the install command."""
+    from blockrag.models import ModelNotFoundError, register, resolve
+
+    register("missing-base-test", package="no_such_package_here", filename="m.gguf", pip="pip install no-such-thing",
+             description="test", replace=True)
+    register("adapted-missing-base-test", base="missing-base-test", adapter=ADAPTER, description="test", replace=True)
+    with pytest.raises(ModelNotFoundError, match="pip install no-such-thing"):
+        resolve("adapted-missing-base-test")
 
 
 def test_the_adapter_is_package_data():

@@ -15,6 +15,7 @@ import torch
 from blockrag import BlockEngine
 from blockrag.errors import BlockRAGError, UnsupportedModelError
 from blockrag.models import (
+    BASE_MODEL,
     DEFAULT_MODEL,
     DeviceError,
     GGUFError,
@@ -53,19 +54,19 @@ def _write_gguf(path, arch="llama", quant=None, extra=None):
 
 @pytest.fixture(scope="module")
 def embedded_file():
-    source = resolve(DEFAULT_MODEL)
+    source = resolve(BASE_MODEL)
     return source.gguf.path
 
 
 def test_embedded_name_resolves_to_the_packaged_gguf(embedded_file):
-    source = resolve(DEFAULT_MODEL)
+    source = resolve(BASE_MODEL)
     assert source.kind == "named" and source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
     info = source.gguf
     assert info.architecture == "llama" and info.metadata["llama.block_count"] == 30
     assert info.metadata["llama.rope.freq_base"] == pytest.approx(1e5)
     assert info.tensor_types == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
     assert info.data_end == info.file_size  # the tensor table accounts for every byte
-    assert DEFAULT_MODEL in names() and "tiny-random" in names()
+    assert BASE_MODEL in names() and DEFAULT_MODEL in names() and "tiny-random" in names()
     # the same file named by path, and by its directory (one .gguf in it)
     assert resolve(str(embedded_file)).kind == "gguf"
     by_dir = resolve(str(embedded_file.parent))

@@ -1,6 +1,6 @@
 """``blockrag bench``: time to first token of block mode vs full mode on this machine, in one command.
 
-    blockrag bench                                         smollm2-135m, 1K/2K/4K context, cuda if available
+    blockrag bench                                         smollm2-135m-block, 1K/2K/4K context, cuda if available
     blockrag bench --model tiny-random --sizes 256,512 --repeats 2 --out bench/
 
 ``blockrag.cli`` (the one ``main``) registers it: it imports this module only for ``blockrag bench`` and

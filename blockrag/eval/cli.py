@@ -72,7 +72,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="a short offline name (e.g. 'smollm2-135m'), a .gguf file, a local model directory or a "
                             "Hugging Face Hub name; 'tiny-random' (or 'tiny-random:ARCH') builds a tiny random Llama "
                             "for offline pipeline checks: its answers are noise. Default: the model the --kb "
-                            "knowledge base was built with, else smollm2-135m")
+                            "knowledge base was built with, else smollm2-135m-block (the embedded model, block "
+                            "fine-tuned)")
     model.add_argument("--template", default=None, metavar="T",
                        help="block prompt format: 'chat' (the model's chat template), 'tulu3-block' (the paper's "
                             "checkpoint) or a block_template.json file. Default: block_template.json in the model "

@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     io = p.add_argument_group("model and data")
     io.add_argument("--model", default="smollm2-135m",
                     help="a short offline name, a .gguf file, a local model directory or a Hub name "
-                         "(default: smollm2-135m, the embedded SmolLM2-135M-Instruct)")
+                         "(default: smollm2-135m, the embedded SmolLM2-135M-Instruct base model)")
     io.add_argument("--data", required=True, nargs="+", help="one or more JSONL files of RAG and/or chat records")
     io.add_argument("--output-dir", required=True, help="where the fine-tuned model, log and checkpoints go")
     io.add_argument("--template", default="chat",
