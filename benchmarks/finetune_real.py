@@ -216,7 +216,8 @@ def train_run(base, tokenizer, template, samples, *, name: str, ratio: str, obje
     model = copy.deepcopy(base).train()
     settings = LoraSettings(r=preset["lora_r"], alpha=preset["lora_alpha"], init=init_adapter) if lora else None
     config = TrainConfig(
-        output_dir=str(work / name), lr=lr, max_steps=steps, batch_size=preset["batch_size"], warmup_ratio=0.05,
+        output_dir=str(work / name), lr=lr, max_steps=steps, batch_size=preset["batch_size"] // preset["grad_accum"],
+        grad_accum=preset["grad_accum"], warmup_ratio=0.05,
         schedule="cosine", ratio=CopyRatio.parse(ratio), objective=objective, seed=0, log_every=10,
         lora=settings, bf16=preset["bf16"], num_workers=preset.get("num_workers", 0), progress=False)
     trainer = Trainer(model, tokenizer, config, template=template)
@@ -576,7 +577,10 @@ def run(args) -> int:
     unknown = [name for name in args.runs.split(",") if name not in RUNS]
     if unknown:
         raise SystemExit(f"expected --runs to name runs of {RUNS}, found {unknown}")
-    preset = dict(PRESETS[args.preset])
+    preset = dict(PRESETS[args.preset], grad_accum=args.grad_accum)
+    if args.grad_accum < 1 or preset["batch_size"] % args.grad_accum:
+        raise SystemExit(f"expected --grad-accum to divide the batch of {preset['batch_size']} samples, found "
+                         f"{args.grad_accum}")
     out = Path(args.out)
     if args.init_adapter:
         check_init_adapter(args, out)
@@ -635,6 +639,9 @@ def main(argv=None) -> int:
                    help="the evaluation modes of the fine-tuned runs, of " + ",".join(EVAL_MODES))
     r.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (default: the preset's; "
                                                            "gpu: one epoch)")
+    r.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="split each optimizer step's samples into N micro-batches (same samples per step, less "
+                        "memory: full fine-tuning 1:1 needs N=2 on an 80 GB card)")
     r.add_argument("--runs", default="lora,control,distill,full_ft",
                    help="which runs, in this order (of " + ",".join(RUNS) + ")")
     r.add_argument("--init-adapter", default=None, metavar="DIR",
