@@ -294,3 +294,21 @@ def test_api_key_from_environment(monkeypatch):
     assert options_from_args(parser.parse_args(["serve", "--api-key", "flag"]))["api_key"] == "flag"
     monkeypatch.delenv("BLOCKRAG_API_KEY")
     assert options_from_args(parser.parse_args(["serve"]))["api_key"] is None
+
+
+def test_the_startup_line_names_the_model_served_also_when_none_was_given(monkeypatch, capsys):
+    """Without --model the server serves the default model (or the knowledge base's): the line says which."""
+    import argparse
+
+    import uvicorn
+
+    import blockrag.models
+    from blockrag.serve.cli import add_parser, run
+
+    monkeypatch.setattr(blockrag.models, "DEFAULT_MODEL", "tiny-random")
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    assert run(parser.parse_args(["serve", "--port", "1"])) == 0
+    line = [s for s in capsys.readouterr().err.splitlines() if s.startswith("blockrag serve:")]
+    assert line == ["blockrag serve: http://127.0.0.1:1/ (model tiny-random)"], line

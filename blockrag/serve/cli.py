@@ -162,8 +162,8 @@ def run(args) -> int:
     log_level = "info" if options["verbose"] else "warning"
     if args.workers == 1:
         app = build_app(options)  # NOTE: load errors surface here, before the port is bound
-        print(f"blockrag serve: http://{args.host}:{args.port}/ (model {options['served_name'] or options['model']})",
-              file=sys.stderr, flush=True)
+        served = options["served_name"] or app.state.service.engine.model_name
+        print(f"blockrag serve: http://{args.host}:{args.port}/ (model {served})", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=log_level, access_log=options["verbose"])
         return 0
     os.environ[OPTIONS_ENV] = json.dumps(options)
