@@ -12,8 +12,8 @@ selections, fp8 and prefixed modes, token for token the engine's greedy answers)
 accuracy and SQuAD F1. Per set and for the mean over sets it reports accuracy with 95% bootstrap intervals, the
 fraction of passage tokens each selection recomputes, and the fraction of the gap it closes, ``(sel - block) / (full
 - block)``, with a paired bootstrap interval (the same resampled questions in all three modes). Where full - block
-is small or negative (the interval of the gap covers 0) the
-fraction means little; the difference sel - block is given beside it.
+is small or negative (the interval of the gap covers 0) the fraction means little; the difference sel - block is
+given beside it.
 
     # evaluation examples: every answerable question of the four sets' evaluation splits (DisflQA 410, BoolQ 686,
     # QuAC 347, NarrativeQA 882), k=5, into eval.jsonl.xz (~0.7 MB, where the wheel is 20 MB: device calls carry

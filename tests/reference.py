@@ -20,8 +20,9 @@ def with_cache(model, cache) -> dict:
         "past_key_values": cache}
 
 
-def reference_block_mask(block_lengths, final_length):
-    """(N, N) bool mask by explicit loops: context blocks see themselves causally, the rest sees all before."""
+def reference_block_mask(block_lengths, final_length, shared_prefix=False):
+    """(N, N) bool mask by explicit loops: context blocks see themselves causally, the rest sees all before;
+    with shared_prefix every context block also sees block 0 (passages encoded after block 0)."""
     n = sum(block_lengths) + final_length
     owner = []
     for index, length in enumerate(block_lengths):
@@ -30,21 +31,7 @@ def reference_block_mask(block_lengths, final_length):
     mask = torch.zeros(n, n, dtype=torch.bool)
     for i in range(n):
         for j in range(i + 1):
-            mask[i, j] = owner[i] is None or owner[i] == owner[j]
-    return mask
-
-
-def reference_prefixed_mask(block_lengths, final_length):
-    """As reference_block_mask, and every context block also sees block 0 (passages encoded after block 0)."""
-    n = sum(block_lengths) + final_length
-    owner = []
-    for index, length in enumerate(block_lengths):
-        owner += [index] * length
-    owner += [None] * final_length
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        for j in range(i + 1):
-            mask[i, j] = owner[i] is None or owner[i] == owner[j] or owner[j] == 0
+            mask[i, j] = owner[i] is None or owner[i] == owner[j] or (shared_prefix and owner[j] == 0)
     return mask
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import reference_block_mask, reference_prefixed_mask
+from reference import reference_block_mask
 
 from blockrag.masks import additive_mask, block_attention_mask, block_position_ids
 
@@ -15,7 +15,7 @@ def test_block_mask_equals_reference(lengths, final):
 @pytest.mark.parametrize("lengths,final", [([5], 3), ([1, 4, 2], 1), ([3, 3, 7, 1], 6), ([2, 3], 0)])
 def test_shared_prefix_mask_equals_reference(lengths, final):
     mask = block_attention_mask(lengths, final, shared_prefix=True)
-    assert torch.equal(mask, reference_prefixed_mask(lengths, final))
+    assert torch.equal(mask, reference_block_mask(lengths, final, shared_prefix=True))
     if len(lengths) > 1:  # negative control: passages see block 0 here, not in the plain block mask
         assert not torch.equal(mask, block_attention_mask(lengths, final))
         assert mask[lengths[0], 0] and not block_attention_mask(lengths, final)[lengths[0], 0]

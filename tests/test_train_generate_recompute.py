@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import reference_prefixed_mask, to_model_mask
+from reference import reference_block_mask, to_model_mask
 
 from blockrag import BlockEngine, Passage
 from blockrag.errors import InvalidInputError
@@ -78,7 +78,7 @@ def _prefixed_reference_logits(model, sample):
     """Last-token logits of one forward over the whole prompt with the loop-built prefixed mask (every passage sees
     block 0 and itself), positions 0..N-1: what context="prefixed" with nothing recomputed must give."""
     ids = [t for block in sample.blocks for t in block] + list(sample.final)
-    mask = reference_prefixed_mask([len(b) for b in sample.blocks], len(sample.final))
+    mask = reference_block_mask([len(b) for b in sample.blocks], len(sample.final), shared_prefix=True)
     out = model(input_ids=torch.tensor([ids]), attention_mask=to_model_mask(mask, model),
                 position_ids=torch.arange(len(ids))[None], use_cache=False)
     return out.logits[0, -1].float()
