@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from itertools import chain
 from typing import Literal
 
 import torch
@@ -252,6 +253,9 @@ class BlockEngine:
         attention_kwargs = {}
         graphed = self.graphs.try_prefill(blocks, feed, self.rope, reencode, device, self._attention) if (
             self.graphs is not None and recompute is None) else None
+        # NOTE: the final block's ids go up before the context: queued after host blocks' bulk copies, this small
+        # copy would wait for all of them (and the first layer with it).
+        ids = torch.tensor([feed], device=device) if graphed is None else None
         if graphed is not None:
             logits, cache, release = graphed
             next_pos = sum(b.num_tokens for b in blocks)
@@ -268,7 +272,6 @@ class BlockEngine:
         if recompute is not None and blocks:
             logits, cache, recomputed = self._recompute(recompute, blocks, cache, feed, new_tokens, prompt.warnings)
         elif graphed is None:
-            ids = torch.tensor([feed], device=device)
             with self._attention:
                 logits, cache = forward(self.model, ids, position_ids=positions[None], cache=cache, logits_to_keep=1,
                                         **attention_kwargs)
@@ -288,12 +291,13 @@ class BlockEngine:
                           prefilled_tokens=len(feed) + recomputed, ttft_s=time.perf_counter() - start,
                           recomputed_tokens=recomputed)
             if mode == "block" and not reencode:
-                context_positions = [p for block in prompt.context for p in range(len(block.ids))]
+                position_ids = tuple(chain.from_iterable(range(len(block.ids)) for block in prompt.context))
+                position_ids += tuple(range(next_pos, next_pos + len(feed)))
             else:
-                context_positions = list(range(next_pos))
+                position_ids = tuple(range(next_pos + len(feed)))
             result = PrefillResult(
                 mode=mode, logits=logits.cpu(), input_ids=tuple(input_ids), final_ids=tuple(prompt.final_ids),
-                position_ids=tuple(context_positions + positions.tolist()),
+                position_ids=position_ids,
                 blocks=tuple(BlockInfo(b.key, b.token_ids, hit) for b, hit in zip(blocks, found)), usage=usage,
                 warnings=tuple(prompt.warnings),
             )

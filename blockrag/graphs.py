@@ -45,14 +45,52 @@ def _cut_before(cut, update):
     return cut_then_update
 
 
+class _GraphInputs:
+    """A captured forward's inputs (device tensors at fixed addresses) and their pinned host mirrors.
+
+    ``upload`` writes one request into the host mirrors and copies them over without blocking the host; the
+    mirrors are rewritten only after the previous request's copies have finished.
+    """
+
+    def __init__(self, bucket: int, state: GraphState, device: torch.device) -> None:
+        self.ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
+        self.positions = torch.arange(bucket, device=device)[None]
+        self.last = torch.full((1,), bucket - 1, dtype=torch.long, device=device)
+        self.state = state
+        self._long = torch.zeros(3, bucket, dtype=torch.long, pin_memory=True)  # ids, positions, last
+        self._used = torch.zeros(state.seqused.numel(), dtype=torch.int32, pin_memory=True)
+        self._valid = torch.zeros(state.seqused.numel(), dtype=torch.bool, pin_memory=True)
+        self._meta = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def upload(self, final_ids: list[int], context: int, chunk: int, max_splits: int) -> None:
+        q, bucket = len(final_ids), self._long.shape[1]
+        self._copied.synchronize()  # the mirrors may still be read by the last request's copies
+        self._long[0, :q] = torch.tensor(final_ids)
+        self._long[0, q:] = 0
+        self._long[1] = torch.arange(context, context + bucket)
+        self._long[2, 0] = q - 1
+        used = (context - torch.arange(self._used.numel()) * chunk).clamp(0, chunk)
+        self._used.copy_(used)
+        self._valid.copy_(used > 0)
+        self.ids.copy_(self._long[0:1], non_blocking=True)
+        self.positions.copy_(self._long[1:2], non_blocking=True)
+        self.state.tail.copy_(self._long[1], non_blocking=True)
+        self.last.copy_(self._long[2, :1], non_blocking=True)
+        self.state.seqused.copy_(self._used, non_blocking=True)
+        self.state.valid.copy_(self._valid, non_blocking=True)
+        if self.state.meta is not None:
+            self._meta.copy_(torch.tensor(split_meta(context, q, max_splits), dtype=torch.int32))
+            self.state.meta.copy_(self._meta, non_blocking=True)
+        self._copied.record()
+
+
 @dataclass
 class _Captured:
     graphs: list  # torch.cuda.CUDAGraph pieces, replayed in order
     groups: list  # per piece, the layers whose cache it updates first (their KV must be in place before it)
-    ids: Tensor  # (1, q)
-    positions: Tensor  # (1, q)
-    last: Tensor  # (1,) index of the last real token
-    state: GraphState
+    inputs: _GraphInputs
     logits: Tensor  # (1, 1, V) output
 
 
@@ -126,36 +164,25 @@ class FinalBlockGraphs:
 
         Blocks may be on the device or in (pinned) host memory, mixed.
         """
-        device = self.keys.device
         # NOTE: capture first: its warm-up runs write into the buffer, which must not clobber this context.
         captured = self._graphs.get(bucket) or self._capture(bucket)
         offsets = block_offsets(blocks)
         context = offsets[-1] + blocks[-1].num_tokens
         deltas = offsets if reencode else [0] * len(blocks)
+        # The request's lengths go up first, from pinned memory: a small copy queued after the context's bulk
+        # host-to-device copies would wait for all of them, and the first piece with it.
+        captured.inputs.upload(final_ids, context, self.chunk, self.max_splits)
         on_host = any(b.device.type == "cpu" for b in blocks)
         ready = None
         if on_host and self.pipeline_host and len(captured.graphs) > 1:
             ready = _copy_from_host(blocks, offsets, deltas, rope, self.keys, self.values)  # per-layer hooks
         else:
             if on_host:
-                blocks = [b.to(device, non_blocking=True) for b in blocks]
+                blocks = [b.to(self.keys.device, non_blocking=True) for b in blocks]
             for plan in gather_plans(blocks, [b.keys for b in blocks], [b.values for b in blocks], offsets, deltas,
-                                     rope, device):
+                                     rope, self.keys.device):
                 gather_rotate(plan, 0, self.keys[:, 0], self.values[:, 0])
         q = len(final_ids)
-        host = torch.zeros(2, bucket, dtype=torch.long)
-        host[0, :q] = torch.tensor(final_ids)
-        host[1] = torch.arange(context, context + bucket)
-        captured.ids.copy_(host[0:1], non_blocking=True)
-        captured.positions.copy_(host[1:2], non_blocking=True)
-        captured.state.tail.copy_(host[1], non_blocking=True)
-        captured.last.fill_(q - 1)
-        used = (context - torch.arange(self.chunks) * self.chunk).clamp(0, self.chunk)
-        captured.state.seqused.copy_(used.to(torch.int32), non_blocking=True)
-        captured.state.valid.copy_(used > 0, non_blocking=True)
-        if captured.state.meta is not None:
-            meta = split_meta(context, q, self.max_splits)
-            captured.state.meta.copy_(torch.tensor(meta, dtype=torch.int32), non_blocking=True)
         for graph, layers in zip(captured.graphs, captured.groups):
             if ready is not None:
                 for layer in layers:
@@ -177,9 +204,8 @@ class FinalBlockGraphs:
         if self.attention == "triton":
             state.meta = torch.tensor(split_meta(0, bucket, self.max_splits), dtype=torch.int32, device=device)
             state.max_splits = self.max_splits
-        ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
-        positions = torch.arange(bucket, device=device)[None]
-        last = torch.full((1,), bucket - 1, dtype=torch.long, device=device)
+        inputs = _GraphInputs(bucket, state, device)
+        ids, positions, last = inputs.ids, inputs.positions, inputs.last
         mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # 4D: transformers builds no mask
         layers = self.keys.shape[0]
         group = max(1, layers // 8)  # the copy groups of assemble._copy_from_host
@@ -223,6 +249,6 @@ class FinalBlockGraphs:
         torch.cuda.current_stream(device).wait_stream(capture)
         if switch["piece"] != len(graphs) - 1:
             raise RuntimeError(f"captured {switch['piece'] + 1} graph pieces, expected {len(graphs)}")
-        captured = _Captured(graphs, groups, ids, positions, last, state, logits)
+        captured = _Captured(graphs, groups, inputs, logits)
         self._graphs[bucket] = captured
         return captured

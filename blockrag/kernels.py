@@ -259,26 +259,36 @@ def _merge_splits_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-SPLIT_BLOCK_N = 64
-SPLIT_BLOCK_M = 128
-MERGE_BLOCK_M = 32
+class SplitConfig(NamedTuple):
+    """Launch shape of ``final_block_attention``: row and key tiles, warps and pipeline stages of the split
+    kernel, and the merge kernel's row tile."""
+
+    block_m: int = 128
+    block_n: int = 64
+    warps: int = 8
+    stages: int = 3
+    merge_block_m: int = 32
 
 
-def split_meta(context: int, q_real: int, max_splits: int, min_chunk: int = 256) -> list[int]:
+SPLIT_CONFIG = SplitConfig()
+
+
+def split_meta(context: int, q_real: int, max_splits: int, min_chunk: int = 256, block_n: int = 128) -> list[int]:
     """[n, q_real, chunk, splits] for ``final_block_attention``: the keys 0..n+q_real-1 cut into equal chunks.
 
     ``splits`` is at most ``max_splits`` (the launch's grid) and each chunk at least ``min_chunk`` keys, a
-    multiple of the key tile, so short contexts use few splits and long ones the whole grid.
+    multiple of ``block_n`` (of every key tile the kernel is launched with, so whole tiles need no mask), so
+    short contexts use few splits and long ones the whole grid.
     """
     total = context + q_real
     splits = max(1, min(max_splits, -(-total // min_chunk)))
     chunk = -(-total // splits)
-    chunk = -(-chunk // SPLIT_BLOCK_N) * SPLIT_BLOCK_N
+    chunk = -(-chunk // block_n) * block_n
     return [context, q_real, chunk, -(-total // chunk)]
 
 
 def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, meta: Tensor,
-                          max_splits: int) -> Tensor:
+                          max_splits: int, config: SplitConfig = SPLIT_CONFIG) -> Tensor:
     """Bottom-right causal grouped attention of a final block over a KV buffer, lengths from ``meta``.
 
     Args:
@@ -288,6 +298,7 @@ def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: floa
         scale: softmax scale.
         meta: int32 device tensor ``split_meta(n, q_real, max_splits)``.
         max_splits: grid size along the keys (>= meta's splits).
+        config: tile sizes, warps and stages (any choice gives the same result up to rounding).
 
     Returns:
         (1, qb, Hq, D) contiguous, query dtype; padding tokens' rows are zero.
@@ -301,15 +312,16 @@ def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: floa
     part_o = torch.empty(max_splits, kv_heads, rows, dim, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(max_splits, kv_heads, rows, dtype=torch.float32, device=query.device)
     out = torch.empty(1, qb, q_heads, dim, dtype=query.dtype, device=query.device)
-    tiles = triton.cdiv(rows, SPLIT_BLOCK_M)
+    tiles = triton.cdiv(rows, config.block_m)
     _split_kv_kernel[(tiles, max_splits, kv_heads)](
         query, key, value, meta, part_o, part_lse,
         query.stride(1), query.stride(2), query.stride(3), key.stride(1), key.stride(2), value.stride(1),
         value.stride(2), rows, kv_heads, scale * LOG2E,
-        G=groups, D=dim, BLOCK_M=SPLIT_BLOCK_M, BLOCK_N=SPLIT_BLOCK_N, num_warps=8, num_stages=3,
+        G=groups, D=dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.warps,
+        num_stages=config.stages,
     )
-    _merge_splits_kernel[(triton.cdiv(rows, MERGE_BLOCK_M), kv_heads)](
+    _merge_splits_kernel[(triton.cdiv(rows, config.merge_block_m), kv_heads)](
         part_o, part_lse, out, meta, out.stride(1), out.stride(2), rows, kv_heads,
-        G=groups, D=dim, BLOCK_M=MERGE_BLOCK_M, num_warps=4,
+        G=groups, D=dim, BLOCK_M=config.merge_block_m, num_warps=4,
     )
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import NamedTuple
 
 from blockrag.errors import InvalidInputError, PromptTooLongError
@@ -53,7 +54,7 @@ class Prompt:
 
     @property
     def input_ids(self) -> list[int]:
-        return [t for block in self.context for t in block.ids] + self.final_ids
+        return list(chain.from_iterable(block.ids for block in self.context)) + self.final_ids
 
 
 class PromptBuilder:

@@ -1,0 +1,179 @@
+"""Where block-mode TTFT and encoding time go on the GPU, and which split-KV attention launch shape is fastest.
+
+Llama-3.1-8B shape, random bf16 weights, the same passages and question as ``benchmarks/ttft.py``. Three parts:
+
+  profile   one request through ``BlockEngine.prefill`` (the CUDA-graph path, blocks on the GPU) under
+            torch.profiler: GPU time per kind of kernel (matrix products, attention, the gather of the
+            context, copies, everything else), kernels launched, and the wall time the GPU sat idle;
+            the same for one encoding batch (``BlockEngine.encode``).
+  sweep     ``kernels.final_block_attention`` for every launch shape in a grid (row tile, key tile, warps,
+            stages, splits), each captured in a CUDA graph, at the context lengths asked for; each output
+            is checked against the default shape's.
+  encode    encoding throughput (tokens/s) at several token budgets per batch.
+
+Prints tables and ends with one JSON line (also written to ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import functools
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ttft import TEMPLATE, build_model, commit, llama8b_config, passage_texts  # noqa: E402
+
+from blockrag import BlockEngine  # noqa: E402
+from blockrag.testing import build_tokenizer  # noqa: E402
+
+KINDS = (("gemm", ("gemm", "nvjet", "gemv", "xmma", "cutlass", "cublas")),
+         ("attention", ("split_kv", "merge_splits", "flash", "fmha", "attention")),
+         ("gather", ("gather_rotate",)),
+         ("copy", ("memcpy", "memset")))
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, marks in KINDS if any(m in low for m in marks)), "other")
+
+
+def profile(fn, runs: int = 3) -> dict:
+    """GPU time per kernel kind per run (ms), kernels per run, wall ms per run, GPU idle ms per run."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / runs
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_kind = collections.Counter()
+    top = collections.Counter()
+    spans = []
+    for e in kernels:
+        per_kind[kind_of(e.name)] += e.device_time_total
+        top[e.name[:90]] += e.device_time_total
+        spans.append((e.time_range.start, e.time_range.end))
+    busy = _union(spans)
+    return {"wall_ms": 1e3 * wall, "gpu_busy_ms": busy / 1e3 / runs,
+            "gpu_idle_ms": 1e3 * wall - busy / 1e3 / runs, "kernels": len(kernels) / runs,
+            "by_kind_ms": {k: v / 1e3 / runs for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": {k: v / 1e3 / runs for k, v in top.most_common(12)}}
+
+
+def _union(spans) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def sweep(contexts, q_real: int, bucket: int) -> list[dict]:
+    import triton.testing
+
+    from blockrag.kernels import SPLIT_CONFIG, SplitConfig, final_block_attention, split_meta
+
+    device = torch.device("cuda")
+    rows = []
+    shapes = [SplitConfig(m, n, w, s) for m, n, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))]
+    for context in contexts:
+        q = torch.randn(1, bucket, 32, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
+        k = torch.randn(1, 8, context + bucket + 64, 128, device=device, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        reference = None
+        for splits in (16, 32, 64):
+            meta = torch.tensor(split_meta(context, q_real, splits), dtype=torch.int32, device=device)
+            for shape in shapes:
+                call = functools.partial(final_block_attention, q, k, v, 128 ** -0.5, meta, splits, shape)
+                try:
+                    out = call()
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        call()
+                    us = 1e3 * triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+                except Exception as e:  # e.g. out of shared memory for this shape: record, go on
+                    rows.append({"context": context, "splits": splits, **shape._asdict(), "error": repr(e)[:200]})
+                    continue
+                if reference is None:
+                    reference = final_block_attention(
+                        q, k, v, 128 ** -0.5,
+                        torch.tensor(split_meta(context, q_real, 16), dtype=torch.int32, device=device), 16,
+                        SPLIT_CONFIG)
+                diff = float((out[:, :q_real] - reference[:, :q_real]).abs().max())
+                rows.append({"context": context, "splits": splits, **shape._asdict(), "us": us, "max_abs_diff": diff})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--total", type=int, default=32768, help="total prompt tokens of the profiled request")
+    parser.add_argument("--sweep-contexts", type=int, nargs="*", default=[4096, 32768])
+    parser.add_argument("--budgets", type=int, nargs="*", default=[4096, 8192, 16384])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/profile_ttft.json"))
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    result = {"device": torch.cuda.get_device_name(), "model": "Llama-3.1-8B shape, random weights",
+              "dtype": "bfloat16", "commit": commit(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    sweep_rows = sweep(args.sweep_contexts, 71, 96)
+    result["sweep"] = sweep_rows
+    print("| context | splits | block_m | block_n | warps | stages | us | max_abs_diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted((r for r in sweep_rows if "us" in r), key=lambda r: (r["context"], r["us"]))[:40]:
+        print(f"| {r['context']} | {r['splits']} | {r['block_m']} | {r['block_n']} | {r['warps']} | {r['stages']} | "
+              f"{r['us']:.1f} | {r['max_abs_diff']:.4f} |")
+    tokenizer = build_tokenizer(vocab_size=4096)
+    model = build_model(llama8b_config(128256), torch.bfloat16, device)
+    engine = BlockEngine(model, tokenizer, template=TEMPLATE, cuda_graphs=args.total)
+    texts = passage_texts(tokenizer, args.total // 512, 512)
+    question = passage_texts(tokenizer, 1, 64, seed=99)[0]
+    engine.encode(texts[:16])
+    encode = {}
+    for budget in args.budgets:
+        engine.encoder.token_budget = budget
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        blocks = engine.encode(texts)
+        torch.cuda.synchronize()
+        encode[budget] = sum(b.num_tokens for b in blocks) / (time.perf_counter() - start)
+    result["encode_tokens_per_s_by_budget"] = encode
+    engine.encoder.token_budget = 8192
+    blocks = blocks[: args.total // 512 - 1]
+    result["prefill_graph"] = profile(lambda: engine.prefill(blocks, question))
+    host = [dataclasses.replace(b, keys=b.keys.cpu().pin_memory(), values=b.values.cpu().pin_memory()) for b in blocks]
+    result["prefill_graph_host"] = profile(lambda: engine.prefill(host, question), runs=2)
+    result["encode_batch"] = profile(lambda: engine.encode(texts[:16]), runs=2)
+    for name in ("prefill_graph", "prefill_graph_host", "encode_batch"):
+        p = result[name]
+        print(f"\n{name}: wall {p['wall_ms']:.2f} ms, GPU busy {p['gpu_busy_ms']:.2f} ms, "
+              f"idle {p['gpu_idle_ms']:.2f} ms, {p['kernels']:.0f} kernels")
+        for kind, ms in p["by_kind_ms"].items():
+            print(f"  {kind:10s} {ms:8.2f} ms")
+        for kernel, ms in p["top_kernels_ms"].items():
+            print(f"    {ms:8.3f} ms  {kernel}")
+    print("encode tokens/s by budget:", {k: round(v) for k, v in encode.items()})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
