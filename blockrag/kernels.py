@@ -8,6 +8,7 @@ pointers, so one launch covers any number of blocks.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -131,15 +132,24 @@ def gather_rotate(plan: GatherPlan, row: int, dst_k: Tensor, dst_v: Tensor, scal
 
 # --- split-KV attention of a final block over a long context (flash-decoding style) ------------------------
 #
-# The final block's q queries attend to n context keys (all of them) and, causally, to their own q keys, which
-# sit right after the context in the same (Hkv, cap, D) buffer: query token t sees keys 0 .. n + t. The G query
-# heads of one KV group are folded into rows (row = t * G + g), so one program's BLOCK_M rows share every KV
-# tile it loads, and the programs that work on one KV split run side by side (row tiles vary fastest), so each
-# tile comes from memory about once. The keys are split into ``splits`` chunks (lengths and split size read
-# from a device tensor ``meta``, so one launch shape serves any context length inside a CUDA graph); each split
-# writes a normalised partial output and its log2-sum-exp, and a second kernel merges the splits and writes
-# the result in the (q, Hq, D) layout the model expects. Rows of padding tokens (t >= q_real) are skipped
-# and come out as zeros: no real token sees them.
+# The final block's q queries attend to n context keys (all of them) and, causally, to their own q keys:
+# query token t sees context coordinates 0 .. n + t. The G query heads of one KV group are folded into rows
+# (row = t * G + g), so one program's BLOCK_M rows share every KV tile it loads, and the programs that work on
+# one KV split run side by side (row tiles vary fastest), so each tile comes from memory about once. The keys
+# are cut into splits (lengths read from device tensors, so one launch shape serves any context inside a CUDA
+# graph); each split writes a normalised partial output and its log2-sum-exp, and a second kernel merges the
+# splits and writes the result in the (q, Hq, D) layout the model expects. Rows of padding tokens
+# (t >= q_real) are skipped and come out as zeros: no real token sees them.
+#
+# Where the keys are read from:
+# * the buffer (``final_block_attention``): the context gathered into slots 0..n-1 (keys already rotated to
+#   their positions), the final block in slots n..n+q-1;
+# * a segment table (``table_attention``): each segment is a tensor read in place, for example a stored
+#   block (L, H, T, D) whose keys sit at positions 0..T-1. Segment s covers context coordinates
+#   start_s .. start_s + len_s - 1 and its keys are delta_s positions behind them; rotary attention depends
+#   only on q-position minus k-position, so instead of rotating every key forward by delta_s, the query is
+#   rotated back by delta_s once per segment (rotate-half layout: dims [0, R/2) pair with [R/2, R); dims past
+#   R are not rotated). The final block is the last segment (in the buffer, delta 0). Nothing is copied.
 
 LOG2E = 1.4426950408889634
 
@@ -154,17 +164,30 @@ def _read_meta(meta_ptr):
 
 
 @triton.jit
-def _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start, stop, hi, limit, qk_scale,
-                    D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _load_keys(k_base, cols, stride_kt, first: tl.constexpr, size: tl.constexpr, inside, MASKED: tl.constexpr):
+    d = first + tl.arange(0, size)
+    if MASKED:
+        return tl.load(k_base + cols[None, :] * stride_kt + d[:, None], mask=inside[None, :], other=0.0)
+    return tl.load(k_base + cols[None, :] * stride_kt + d[:, None])
+
+
+@triton.jit
+def _split_kv_tiles(acc, m_i, l_i, q1, q2, q3, k_base, v_base, stride_kt, stride_vt, start, stop, hi, limit,
+                    qk_scale, D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, PIECES: tl.constexpr,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Online softmax over key tiles start..stop (keys at or past ``hi``, or past a row's ``limit``, masked)."""
     d = tl.arange(0, D)
     for first in range(start, stop, BLOCK_N):
         cols = first + tl.arange(0, BLOCK_N)
-        if MASKED:
-            inside = cols < hi
-            kt = tl.load(k_base + cols[None, :] * stride_kt + d[:, None], mask=inside[None, :], other=0.0)
-        else:
-            kt = tl.load(k_base + cols[None, :] * stride_kt + d[:, None])
-        scores = tl.dot(q, kt) * qk_scale
+        inside = cols < hi
+        if PIECES == 1:  # the query whole: one product over D
+            scores = tl.dot(q1, _load_keys(k_base, cols, stride_kt, 0, D, inside, MASKED))
+        else:  # rotated halves (and the unrotated rest) of the query, each against its part of the keys
+            scores = tl.dot(q1, _load_keys(k_base, cols, stride_kt, 0, HALF, inside, MASKED))
+            scores += tl.dot(q2, _load_keys(k_base, cols, stride_kt, HALF, HALF, inside, MASKED))
+            if REST > 0:
+                scores += tl.dot(q3, _load_keys(k_base, cols, stride_kt, 2 * HALF, REST, inside, MASKED))
+        scores = scores * qk_scale
         if MASKED:
             keep = inside[None, :] & (cols[None, :] <= limit[:, None])
             scores = tl.where(keep, scores, float("-inf"))
@@ -184,43 +207,85 @@ def _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, star
 @triton.jit
 def _split_kv_kernel(
     q_ptr, k_ptr, v_ptr, meta_ptr, part_o, part_lse,
+    seg_k, seg_v, seg_layer_stride, seg_head_stride, seg_start, seg_len, seg_cos, seg_sin, items, layer,
     stride_qh, stride_qt, stride_qd, stride_kh, stride_kt, stride_vh, stride_vt,
     rows_total, kv_heads, qk_scale,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, TABLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
     h = tl.program_id(2)
-    n, q_real, chunk, splits = _read_meta(meta_ptr)
+    n, q_real, chunk, splits = _read_meta(meta_ptr)  # TABLE: chunk is unused, splits = items in use
     total = n + q_real  # the last real token sees keys up to n + q_real - 1
-    lo = split * chunk
     real_rows = G * q_real
-    if split >= splits or lo >= total or tile * BLOCK_M >= real_rows:
+    if split >= splits or tile * BLOCK_M >= real_rows:
         return
-    hi = tl.minimum(lo + chunk, total)
+    if TABLE:
+        lo = tl.load(items + 3 * split)
+        hi = tl.load(items + 3 * split + 1)
+        seg = tl.load(items + 3 * split + 2)
+    else:
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, total)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     t = rows // G
     head = h * G + rows % G
-    d = tl.arange(0, D)
     row_ok = rows < rows_total
-    q = tl.load(q_ptr + head[:, None].to(tl.int64) * stride_qh + t[:, None] * stride_qt + d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
-    k_base = k_ptr + h.to(tl.int64) * stride_kh
-    v_base = v_ptr + h.to(tl.int64) * stride_vh
+    q_rows = q_ptr + head[:, None].to(tl.int64) * stride_qh + t[:, None] * stride_qt
     limit = n + t
     # NOTE: a finite start for the running max: a row may see no key at all in a split of the final block.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    # Whole tiles of context keys need no mask; the rest (context remainder, final block) is masked.
-    full_end = lo + tl.maximum(tl.minimum(hi, n) - lo, 0) // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, full_end, hi,
-                                    limit, qk_scale, D=D, BLOCK_N=BLOCK_N, MASKED=False)
-    acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, full_end, hi, hi,
-                                    limit, qk_scale, D=D, BLOCK_N=BLOCK_N, MASKED=True)
+    if TABLE:
+        dt = q_ptr.dtype.element_ty
+        half = tl.arange(0, HALF)
+        x1 = tl.load(q_rows + half[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        x2 = tl.load(q_rows + (HALF + half[None, :]) * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        if REST > 0:
+            r = 2 * HALF + tl.arange(0, REST)
+            q3 = tl.load(q_rows + r[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+        else:
+            q3 = x1.to(dt)  # unused
+        start = tl.load(seg_start + seg)
+        while start < hi:  # the segments this split crosses; the table ends with a start past every key
+            end = start + tl.load(seg_len + seg)
+            a = tl.maximum(lo, start)
+            b = tl.minimum(hi, end)
+            c = tl.load(seg_cos + seg * HALF + half)[None, :]
+            s = tl.load(seg_sin + seg * HALF + half)[None, :]
+            q1 = (x1 * c - x2 * s).to(dt)
+            q2 = (x2 * c + x1 * s).to(dt)
+            offset = layer * tl.load(seg_layer_stride + seg) + h * tl.load(seg_head_stride + seg) - start * D
+            k_base = tl.load(seg_k + seg).to(tl.pointer_type(dt)) + offset
+            v_base = tl.load(seg_v + seg).to(tl.pointer_type(dt)) + offset
+            # Whole tiles of context keys need no mask; the rest (segment remainder, final block) is masked.
+            full_end = a + tl.maximum(tl.minimum(b, n) - a, 0) // BLOCK_N * BLOCK_N
+            acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q1, q2, q3, k_base, v_base, D, D, a, full_end, b, limit,
+                                            qk_scale, D=D, HALF=HALF, REST=REST, PIECES=2, BLOCK_N=BLOCK_N,
+                                            MASKED=False)
+            acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q1, q2, q3, k_base, v_base, D, D, full_end, b, b, limit,
+                                            qk_scale, D=D, HALF=HALF, REST=REST, PIECES=2, BLOCK_N=BLOCK_N,
+                                            MASKED=True)
+            seg += 1
+            start = tl.load(seg_start + seg)
+    else:
+        d = tl.arange(0, D)
+        q = tl.load(q_rows + d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+        k_base = k_ptr + h.to(tl.int64) * stride_kh
+        v_base = v_ptr + h.to(tl.int64) * stride_vh
+        full_end = lo + tl.maximum(tl.minimum(hi, n) - lo, 0) // BLOCK_N * BLOCK_N
+        acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, q, q, k_base, v_base, stride_kt, stride_vt, lo, full_end,
+                                        hi, limit, qk_scale, D=D, HALF=HALF, REST=REST, PIECES=1, BLOCK_N=BLOCK_N,
+                                        MASKED=False)
+        acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, q, q, k_base, v_base, stride_kt, stride_vt, full_end, hi,
+                                        hi, limit, qk_scale, D=D, HALF=HALF, REST=REST, PIECES=1, BLOCK_N=BLOCK_N,
+                                        MASKED=True)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    d = tl.arange(0, D)
     base = (split * kv_heads + h).to(tl.int64) * rows_total
     tl.store(part_o + (base + rows[:, None]) * D + d[None, :], out, mask=row_ok[:, None])
     tl.store(part_lse + base + rows, lse, mask=row_ok)
@@ -233,8 +298,7 @@ def _merge_splits_kernel(
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
-    n, q_real, chunk, splits = _read_meta(meta_ptr)
-    active = tl.minimum(splits, tl.cdiv(n + q_real, chunk))
+    n, q_real, chunk, active = _read_meta(meta_ptr)  # every split below ``active`` wrote its rows
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < rows_total
     real = rows < G * q_real
@@ -287,6 +351,105 @@ def split_meta(context: int, q_real: int, max_splits: int, min_chunk: int = 256,
     return [context, q_real, chunk, -(-total // chunk)]
 
 
+class SegmentTable(NamedTuple):
+    """Device tensors of ``table_attention`` (fixed capacity, so a CUDA graph can read any request's table).
+
+    Rows 0..count-1 describe segments, in context order; row ``count`` holds a start past every key.
+    """
+
+    k: Tensor  # (S+1,) int64 data pointer of layer 0, head 0, the segment's first token
+    v: Tensor  # (S+1,) int64
+    layer_stride: Tensor  # (S+1,) int64 elements from one layer to the next
+    head_stride: Tensor  # (S+1,) int64 elements from one KV head to the next
+    start: Tensor  # (S+1,) int64 context coordinate of the segment's first token
+    length: Tensor  # (S+1,) int64
+    cos: Tensor  # (S+1, R/2) float32 cos(-delta * inv_freq)
+    sin: Tensor  # (S+1, R/2) float32
+    items: Tensor  # (I, 3) int32 per split: first key, end, first segment
+    meta: Tensor  # (4,) int32: n, q_real, segments, splits in use
+
+
+def table_supported(dim: int, rotary_half: int) -> bool:
+    """Whether ``table_attention`` takes this head dim and rotary half-width (matrix products need >= 16 lanes)."""
+    def tile(x):
+        return x >= 16 and not x & (x - 1)
+    rest = dim - 2 * rotary_half
+    return tile(dim) and tile(rotary_half) and (rest == 0 or tile(rest))
+
+
+def empty_segment_table(segments: int, items: int, rotary_half: int, device, pin: bool = False) -> SegmentTable:
+    """A table with room for ``segments`` segments and ``items`` splits (on the host with ``pin``: a mirror)."""
+    def make(shape, dtype):
+        return torch.zeros(shape, dtype=dtype, device=None if pin else device, pin_memory=pin)
+    longs = [make(segments + 1, torch.int64) for _ in range(6)]
+    return SegmentTable(*longs, make((segments + 1, rotary_half), torch.float32),
+                        make((segments + 1, rotary_half), torch.float32), make((items, 3), torch.int32),
+                        make(4, torch.int32))
+
+
+class Segment(NamedTuple):
+    """One span of keys and values read in place by ``table_attention``: for layer l, KV head h and token i,
+    the key is at ``keys.data_ptr() + (offset + l * layer_stride + h * head_stride + i * D) * itemsize``."""
+
+    keys: Tensor
+    values: Tensor
+    offset: int  # elements from the tensors' start to layer 0, head 0, the first token
+    layer_stride: int
+    head_stride: int
+    length: int
+    delta: int  # positions the stored keys sit behind their context coordinates
+
+
+def fill_segment_table(table: SegmentTable, segments: Sequence[Segment], q_real: int, inv_freq: Tensor,
+                       max_splits: int, min_chunk: int = 256, block_n: int = 128) -> None:
+    """Write one request into ``table`` (device or pinned host tensors) for ``table_attention``.
+
+    The last segment must be the final block (q_real keys, delta 0); the context is every segment before it.
+    Splits cut the keys into equal chunks (at least ``min_chunk`` keys, multiples of ``block_n``).
+    """
+    count = len(segments)
+    if count + 1 > table.start.numel():
+        raise ValueError(f"expected at most {table.start.numel() - 1} segments, found {count}")
+    starts, total = [], 0
+    for seg in segments:
+        starts.append(total)
+        total += seg.length
+    n = total - q_real
+    size = segments[0].keys.element_size()
+    table.k[:count] = torch.tensor([seg.keys.data_ptr() + seg.offset * size for seg in segments])
+    table.v[:count] = torch.tensor([seg.values.data_ptr() + seg.offset * size for seg in segments])
+    table.layer_stride[:count] = torch.tensor([seg.layer_stride for seg in segments])
+    table.head_stride[:count] = torch.tensor([seg.head_stride for seg in segments])
+    table.start[: count + 1] = torch.tensor([*starts, 1 << 62])
+    table.length[:count] = torch.tensor([seg.length for seg in segments])
+    angles = -torch.tensor([seg.delta for seg in segments], dtype=torch.float64)[:, None] * inv_freq.double()[None]
+    table.cos[:count] = angles.cos()
+    table.sin[:count] = angles.sin()
+    chunk = split_meta(n, q_real, max_splits, min_chunk, block_n)[2]
+    items = []
+    for lo in range(0, total, chunk):
+        first = bisect.bisect_right(starts, lo) - 1
+        items.append([lo, min(lo + chunk, total), first])
+    table.items[: len(items)] = torch.tensor(items, dtype=torch.int32)
+    table.meta.copy_(torch.tensor([n, q_real, count, len(items)], dtype=torch.int32))
+
+
+def table_attention(query: Tensor, table: SegmentTable, layer: int, scale: float, kv_heads: int,
+                    config: SplitConfig = SPLIT_CONFIG) -> Tensor:
+    """``final_block_attention`` with keys and values read in place from the segments of ``table`` (layer
+    ``layer``), the query rotated back by each segment's delta instead of the keys forward.
+
+    Args:
+        query: (1, Hq, qb, D) 16-bit, any strides, rotated at the final block's positions n..n+qb-1.
+        table: filled by ``fill_segment_table``; its segments hold keys and values of the query's dtype.
+        kv_heads: KV heads of the segments.
+
+    Returns:
+        (1, qb, Hq, D) contiguous, query dtype; padding tokens' rows are zero.
+    """
+    return _attention(query, None, None, scale, table.meta, table.items.shape[0], config, table, layer, kv_heads)
+
+
 def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, meta: Tensor,
                           max_splits: int, config: SplitConfig = SPLIT_CONFIG) -> Tensor:
     """Bottom-right causal grouped attention of a final block over a KV buffer, lengths from ``meta``.
@@ -303,8 +466,11 @@ def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: floa
     Returns:
         (1, qb, Hq, D) contiguous, query dtype; padding tokens' rows are zero.
     """
+    return _attention(query, key, value, scale, meta, max_splits, config, None, 0, key.shape[1])
+
+
+def _attention(query, key, value, scale, meta, max_splits, config, table, layer, kv_heads) -> Tensor:
     _, q_heads, qb, dim = query.shape
-    kv_heads = key.shape[1]
     groups = q_heads // kv_heads
     rows = groups * qb
     if dim & (dim - 1) or dim < 16:
@@ -313,12 +479,21 @@ def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: floa
     part_lse = torch.empty(max_splits, kv_heads, rows, dtype=torch.float32, device=query.device)
     out = torch.empty(1, qb, q_heads, dim, dtype=query.dtype, device=query.device)
     tiles = triton.cdiv(rows, config.block_m)
+    if table is None:  # the segment arguments are not read: any tensors of the right kind do
+        key_strides = (key.stride(1), key.stride(2), value.stride(1), value.stride(2))
+        segs = (meta,) * 8 + (meta,)
+        half = dim // 2
+    else:
+        key, value, key_strides = query, query, (0, 0, 0, 0)
+        segs = tuple(table[:9])
+        half = table.cos.shape[1]
+        if not table_supported(dim, half):
+            raise ValueError(f"expected a head dim and rotary half-width of 16, 32, 64..., found {dim}, {half}")
     _split_kv_kernel[(tiles, max_splits, kv_heads)](
-        query, key, value, meta, part_o, part_lse,
-        query.stride(1), query.stride(2), query.stride(3), key.stride(1), key.stride(2), value.stride(1),
-        value.stride(2), rows, kv_heads, scale * LOG2E,
-        G=groups, D=dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.warps,
-        num_stages=config.stages,
+        query, key, value, meta, part_o, part_lse, *segs, layer,
+        query.stride(1), query.stride(2), query.stride(3), *key_strides, rows, kv_heads, scale * LOG2E,
+        G=groups, D=dim, HALF=half, REST=dim - 2 * half, TABLE=table is not None, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, num_warps=config.warps, num_stages=config.stages,
     )
     _merge_splits_kernel[(triton.cdiv(rows, config.merge_block_m), kv_heads)](
         part_o, part_lse, out, meta, out.stride(1), out.stride(2), rows, kv_heads,

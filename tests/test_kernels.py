@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-SCRIPT = textwrap.dedent('''
+PRELUDE = textwrap.dedent('''
     import json, sys
     import numpy as np
     import torch
@@ -32,6 +32,9 @@ SCRIPT = textwrap.dedent('''
 
         interp._patch_lang_tensor = _patched
 
+''')
+
+SCRIPT = PRELUDE + textwrap.dedent('''
     from blockrag.kernels import final_block_attention, split_meta
 
     def expected(q, k, v, n, q_real, causal=True):
@@ -83,3 +86,89 @@ def test_split_kv_kernel_matches_float64_under_the_interpreter():
         assert r["finite"] and r["pad_zero"], r
         assert r["rel"] < tol, r
         assert r["open_tail_rel"] > 10 * tol, r  # negative control: a wrong mask does not pass
+
+
+TABLE_SCRIPT = PRELUDE + textwrap.dedent('''
+    from blockrag.kernels import Segment, empty_segment_table, fill_segment_table, table_attention
+
+    def rotate(x, positions, inv_freq):
+        """Rotate-half rotary at ``positions`` (float64 math), dims past 2 * len(inv_freq) unchanged."""
+        half = inv_freq.numel()
+        angle = positions.double()[:, None] * inv_freq.double()[None]
+        c, s = angle.cos(), angle.sin()
+        x1, x2 = x[..., :half].double(), x[..., half:2 * half].double()
+        out = x.double().clone()
+        out[..., :half] = x1 * c - x2 * s
+        out[..., half:2 * half] = x2 * c + x1 * s
+        return out
+
+    torch.manual_seed(0)
+    results = []
+    # (kv_heads, groups, layers, layer, dim, half, block lengths, qb, q_real, splits, min_chunk, reencode)
+    cases = [(2, 3, 3, 1, 32, 16, [5, 40, 17], 7, 5, 4, 16, True),
+             (1, 4, 2, 1, 64, 16, [130, 3, 64, 90], 16, 16, 8, 32, True),
+             (2, 2, 1, 0, 32, 16, [33], 9, 4, 2, 16, False),
+             (2, 2, 2, 0, 64, 32, [300, 200], 16, 11, 1, 256, True)]
+    for dtype in (torch.float16, torch.float32):
+        for kv_heads, groups, layers, layer, dim, half, lengths, qb, q_real, splits, min_chunk, reencode in cases:
+            inv_freq = 1.0 / (500.0 ** (torch.arange(half, dtype=torch.float64) / half))
+            raw = [torch.randn(layers, kv_heads, t, dim, dtype=torch.float64) for t in lengths]
+            offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+            n = sum(lengths)
+            stored = [rotate(k, torch.arange(t), inv_freq).to(dtype).contiguous() for k, t in zip(raw, lengths)]
+            values = [torch.randn(layers, kv_heads, t, dim, dtype=dtype) for t in lengths]
+            cap = n + qb + 5
+            buf_k = torch.full((layers, 1, kv_heads, cap, dim), float("nan"), dtype=dtype)
+            buf_v = torch.full_like(buf_k, float("nan"))
+            final_k = torch.randn(layers, kv_heads, qb, dim, dtype=dtype)
+            buf_k[:, 0, :, n:n + qb] = final_k
+            buf_v[:, 0, :, n:n + qb] = torch.randn(layers, kv_heads, qb, dim, dtype=dtype)
+            q = torch.randn(1, qb, kv_heads * groups, dim, dtype=dtype).transpose(1, 2)  # HF strides
+
+            def segments(deltas):
+                segs = [Segment(k, v, 0, kv_heads * t * dim, t * dim, t, d)
+                        for k, v, t, d in zip(stored, values, lengths, deltas)]
+                return segs + [Segment(buf_k, buf_v, n * dim, kv_heads * cap * dim, cap * dim, q_real, 0)]
+
+            def run(deltas):
+                table = empty_segment_table(8, splits, half, "cpu")
+                fill_segment_table(table, segments(deltas), q_real, inv_freq.float(), splits, min_chunk, 16)
+                return table_attention(q, table, layer, dim ** -0.5, kv_heads), table
+
+            # reference: keys rotated to their context positions (or kept at 0..T-1 without re-encoding)
+            keys = [rotate(k[layer], torch.arange(t) + (o if reencode else 0), inv_freq)
+                    for k, t, o in zip(raw, lengths, offsets)]
+            kk = torch.cat([*[k.to(dtype).double() for k in keys], final_k[layer].double()], 1)
+            vv = torch.cat([*[v[layer].double() for v in values], buf_v[layer, 0, :, n:n + qb].double()], 1)
+            kk, vv = kk.repeat_interleave(groups, 0), vv.repeat_interleave(groups, 0)
+            scores = q[0].double() @ kk.transpose(-1, -2) * dim ** -0.5
+            keep = torch.ones(qb, n + qb, dtype=torch.bool).tril(n)
+            want = (scores.masked_fill(~keep, float("-inf")).softmax(-1) @ vv).transpose(0, 1)[None]
+            want[:, q_real:] = 0
+            out, table = run(offsets if reencode else [0] * len(lengths))
+            rel = float((out.double() - want).norm() / want.norm())
+            unrotated = float((run([0] * len(lengths))[0].double() - want).norm() / want.norm())
+            results.append({"dtype": str(dtype), "rel": rel, "unrotated_rel": unrotated, "reencode": reencode,
+                            "splits": int(table.meta[3]), "finite": bool(torch.isfinite(out).all()),
+                            "pad_zero": bool((out[0, q_real:] == 0).all())})
+    print(json.dumps(results))
+''')
+
+
+def test_table_attention_reads_segments_in_place_and_rotates_the_query():
+    """Blocks read where they are stored (keys at their own positions 0..T-1), the final block in a buffer of
+    NaNs around it, several layers, GQA, partial rotary, splits across block boundaries: equal to float64
+    attention over keys rotated to their context positions; the same table with the query not rotated back
+    (every delta 0) is far off (negative control)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", TABLE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == 8
+    assert any(r["splits"] > 1 for r in results) and any(r["splits"] == 1 for r in results)
+    for r in results:
+        tol = 2e-3 if r["dtype"] == "torch.float16" else 1e-5
+        assert r["finite"] and r["pad_zero"], r
+        assert r["rel"] < tol, r
+        if r["reencode"]:
+            assert r["unrotated_rel"] > 10 * tol, r  # negative control: keys left at their stored positions
