@@ -6,9 +6,9 @@ Llama-3.1-8B shape, random bf16 weights, the same passages and question as ``ben
             torch.profiler: GPU time per kind of kernel (matrix products, attention, the gather of the
             context, copies, everything else), kernels launched, and the wall time the GPU sat idle;
             the same for one encoding batch (``BlockEngine.encode``).
-  sweep     ``kernels.final_block_attention`` for every launch shape in a grid (row tile, key tile, warps,
-            stages, splits), each captured in a CUDA graph, at the context lengths asked for; each output
-            is checked against the default shape's.
+  sweep     the split-KV kernel over the gathered buffer and over 512-token blocks read in place, for every
+            launch shape in a grid (row tile, key tile, warps, stages, splits), each captured in a CUDA graph,
+            at the context lengths asked for; each output is checked against the default shape's.
   encode    encoding throughput (tokens/s) at several token budgets per batch.
 
 Prints tables and ends with one JSON line (also written to ``--out``).
@@ -85,40 +85,58 @@ def _union(spans) -> float:
     return total
 
 
-def sweep(contexts, q_real: int, bucket: int) -> list[dict]:
+def sweep(contexts, q_real: int, bucket: int, block: int = 512) -> list[dict]:
+    """Each launch shape of the split-KV kernel over the gathered buffer ("buffer") and over blocks of ``block``
+    tokens read in place through a segment table ("table", deltas 0 so both see the same keys)."""
     import triton.testing
 
-    from blockrag.kernels import SPLIT_CONFIG, SplitConfig, final_block_attention, split_meta
+    from blockrag.kernels import (
+        SPLIT_CONFIG,
+        Segment,
+        SplitConfig,
+        empty_segment_table,
+        fill_segment_table,
+        final_block_attention,
+        split_meta,
+        table_attention,
+    )
 
     device = torch.device("cuda")
     rows = []
-    shapes = [SplitConfig(m, n, w, s) for m, n, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))]
+    shapes = [SplitConfig(m, n, w, s) for m, n, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
     for context in contexts:
         q = torch.randn(1, bucket, 32, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
-        k = torch.randn(1, 8, context + bucket + 64, 128, device=device, dtype=torch.bfloat16)
+        cap = context + bucket + 64
+        k = torch.randn(1, 8, cap, 128, device=device, dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        reference = None
-        for splits in (16, 32, 64):
+        blocks = [(k[0, :, a:a + block].contiguous(), v[0, :, a:a + block].contiguous())
+                  for a in range(0, context, block)]
+        segments = [Segment(bk, bv, 0, 8 * bk.shape[1] * 128, bk.shape[1] * 128, bk.shape[1], 0) for bk, bv in blocks]
+        segments.append(Segment(k, v, context * 128, 8 * cap * 128, cap * 128, q_real, 0))
+        reference = final_block_attention(
+            q, k, v, 128 ** -0.5, torch.tensor(split_meta(context, q_real, 16), dtype=torch.int32, device=device), 16,
+            SPLIT_CONFIG)
+        for splits in (16, 32):
             meta = torch.tensor(split_meta(context, q_real, splits), dtype=torch.int32, device=device)
-            for shape in shapes:
-                call = functools.partial(final_block_attention, q, k, v, 128 ** -0.5, meta, splits, shape)
+            table = empty_segment_table(len(segments), splits, 64, device)
+            fill_segment_table(table, segments, q_real, torch.zeros(64), splits)
+            for shape, kind in itertools.product(shapes, ("buffer", "table")):
+                if kind == "buffer":
+                    call = functools.partial(final_block_attention, q, k, v, 128 ** -0.5, meta, splits, shape)
+                else:
+                    call = functools.partial(table_attention, q, table, 0, 128 ** -0.5, 8, shape)
+                row = {"context": context, "kind": kind, "splits": splits, **shape._asdict()}
                 try:
                     out = call()
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
                         call()
-                    us = 1e3 * triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+                    row["us"] = 1e3 * triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+                    row["max_abs_diff"] = float((out[:, :q_real] - reference[:, :q_real]).abs().max())
                 except Exception as e:  # e.g. out of shared memory for this shape: record, go on
-                    rows.append({"context": context, "splits": splits, **shape._asdict(), "error": repr(e)[:200]})
-                    continue
-                if reference is None:
-                    reference = final_block_attention(
-                        q, k, v, 128 ** -0.5,
-                        torch.tensor(split_meta(context, q_real, 16), dtype=torch.int32, device=device), 16,
-                        SPLIT_CONFIG)
-                diff = float((out[:, :q_real] - reference[:, :q_real]).abs().max())
-                rows.append({"context": context, "splits": splits, **shape._asdict(), "us": us, "max_abs_diff": diff})
+                    row["error"] = repr(e)[:200]
+                rows.append(row)
     return rows
 
 
@@ -134,11 +152,12 @@ def main() -> int:
               "dtype": "bfloat16", "commit": commit(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     sweep_rows = sweep(args.sweep_contexts, 71, 96)
     result["sweep"] = sweep_rows
-    print("| context | splits | block_m | block_n | warps | stages | us | max_abs_diff |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in sorted((r for r in sweep_rows if "us" in r), key=lambda r: (r["context"], r["us"]))[:40]:
-        print(f"| {r['context']} | {r['splits']} | {r['block_m']} | {r['block_n']} | {r['warps']} | {r['stages']} | "
-              f"{r['us']:.1f} | {r['max_abs_diff']:.4f} |")
+    print("| context | kind | splits | block_m | block_n | warps | stages | us | max_abs_diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted((r for r in sweep_rows if "us" in r), key=lambda r: (r["context"], r["kind"], r["us"])):
+        print(f"| {r['context']} | {r['kind']} | {r['splits']} | {r['block_m']} | {r['block_n']} | {r['warps']} | "
+              f"{r['stages']} | {r['us']:.1f} | {r['max_abs_diff']:.4f} |")
+    print("errors:", sum("error" in r for r in sweep_rows))
     tokenizer = build_tokenizer(vocab_size=4096)
     model = build_model(llama8b_config(128256), torch.bfloat16, device)
     engine = BlockEngine(model, tokenizer, template=TEMPLATE, cuda_graphs=args.total)

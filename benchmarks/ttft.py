@@ -9,7 +9,10 @@ llama3 rope scaling), random bf16 weights, passages of ~512 tokens, a ~64-token 
   block-host      block mode, KV in pinned host memory (layer-wise pipelined copies)
   block-host-fp8  the same with fp8 (e4m3) KV and per-(layer, head) scales, dequantised while gathering
   block-graph     block-gpu with the final-block forward replayed from a CUDA graph (cuda_graphs=...); its
-                  attention is the Triton split-KV kernel (blockrag.kernels.final_block_attention)
+                  attention is the Triton split-KV kernel reading the blocks where they are stored, through a
+                  segment table (blockrag.kernels.table_attention): nothing is copied before the first token
+  block-graph-gather  the same graph with the blocks first gathered into the static buffer (read_in_place=False),
+                  the previous graph path, same run
   block-graph-flash  the same graph with the previous attention (flash varlen over 4K chunks + causal tail +
                   log-sum-exp merge), same run, for the side-by-side comparison
   block-graph-host      bf16 blocks from pinned host memory through the graph path: copies go group of 4
@@ -280,9 +283,12 @@ def run_gpu(args) -> dict:
     naive = BlockEngine(model, tokenizer, template=TEMPLATE, fast_attention=False, assemble_path="eager")
     graphed = BlockEngine(model, tokenizer, template=TEMPLATE, cuda_graphs=max(args.totals))
     graphed_flash = BlockEngine(model, tokenizer, template=TEMPLATE)
+    graphed_gather = BlockEngine(model, tokenizer, template=TEMPLATE)
     from blockrag.graphs import FinalBlockGraphs
 
     graphed_flash.graphs = FinalBlockGraphs(model, max(args.totals), attention="flash")
+    graphed_gather.graphs = FinalBlockGraphs(model, max(args.totals), rotary_half=64, read_in_place=False)
+    assert graphed.graphs.rotary_half == 64, "the segment table is in use"
     assert graphed.graphs.attention == "triton", graphed.graphs.attention
     question = passage_texts(tokenizer, 1, args.question_tokens, seed=99)[0]
     d2d, h2d = device_bandwidth(device)
@@ -317,6 +323,8 @@ def run_gpu(args) -> dict:
         fp8_logits = fast.prefill(host_fp8, question).logits
         graph_call = functools.partial(graphed.prefill, gpu_blocks, question)
         row["block_graph_ms"] = 1e3 * median_time(graph_call, args.repeats)
+        row["block_graph_gather_ms"] = 1e3 * median_time(
+            functools.partial(graphed_gather.prefill, gpu_blocks, question), args.repeats)
         row["block_graph_flash_ms"] = 1e3 * median_time(functools.partial(graphed_flash.prefill, gpu_blocks, question),
                                                         args.repeats)
         row["block_graph_host_ms"] = 1e3 * median_time(functools.partial(graphed.prefill, host_blocks, question),
@@ -335,7 +343,10 @@ def run_gpu(args) -> dict:
                                                          - reference).abs().max())
         row["graph_flash_vs_fast_max_abs_logit_diff"] = float((graphed_flash.prefill(gpu_blocks, question).logits
                                                                - reference).abs().max())
+        row["graph_gather_vs_fast_max_abs_logit_diff"] = float((graphed_gather.prefill(gpu_blocks, question).logits
+                                                                - reference).abs().max())
         row["graph_replay_ms"] = replay_ms(graphed)
+        row["graph_replay_gather_ms"] = replay_ms(graphed_gather)
         row["graph_replay_flash_ms"] = replay_ms(graphed_flash)
         row.update(attention_layer_us(row["context_tokens"], row["final_tokens"]))
         if args.disk:

@@ -236,18 +236,25 @@ class GraphState:
     tail: Tensor  # (q,) int64 cache slots of the final block: n .. n+q-1
     meta: Tensor | None = None  # (4,) int32 ``kernels.split_meta``: set for the split-KV Triton kernel
     max_splits: int = 0
+    table: object = None  # ``kernels.SegmentTable``: the split-KV kernel reads the keys where the table says
 
 
-def graph_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, state: GraphState) -> Tensor:
+def graph_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, state: GraphState,
+                    layer: int = 0) -> Tensor:
     """Bottom-right causal attention of a final block over a static buffer, lengths from ``state``.
 
     Args:
         query: (1, Hq, q, D).
-        key, value: (1, Hkv, cap, D) static buffers; context in slots 0..n-1, the final block at ``state.tail``.
+        key, value: (1, Hkv, cap, D) static buffers; context in slots 0..n-1, the final block at ``state.tail``
+            (with ``state.table``: the final block only; the table says where the context is read, for ``layer``).
 
     Returns:
         (1, Hq, q, D).
     """
+    if state.table is not None:
+        from blockrag.kernels import table_attention
+
+        return table_attention(query, state.table, layer, scale, key.shape[1]).transpose(1, 2)
     if state.meta is not None:  # one split-KV kernel + one merge, context and final block together
         from blockrag.kernels import final_block_attention as split_kv_attention
 
@@ -278,7 +285,8 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     graph_state = kwargs.get("blockrag_graph")
     if graph_state is not None:  # inside a captured final-block forward (blockrag.graphs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return graph_attention(query, key, value, scale, graph_state).transpose(1, 2).contiguous(), None
+        out = graph_attention(query, key, value, scale, graph_state, module.layer_idx)
+        return out.transpose(1, 2).contiguous(), None
     context = kwargs.get("blockrag_blocks")
     if context is not None:  # a final block over cached blocks read in place (blockrag.assemble.context_cache)
         assert query.shape[0] == 1 and not dropout, "a block context serves one sequence, without dropout"

@@ -106,7 +106,7 @@ class BlockEngine:
                     f"{self.device} (fast_attention={fast_attention})")
             from blockrag.graphs import FinalBlockGraphs
 
-            self.graphs = FinalBlockGraphs(model, cuda_graphs)
+            self.graphs = FinalBlockGraphs(model, cuda_graphs, rotary_half=self.rope.inv_freq.numel())
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | None = None, *, gguf_file: str | None = None,

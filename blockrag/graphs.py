@@ -4,8 +4,10 @@ Block mode leaves so little GPU work (one short forward over a cached context) t
 kernels from Python costs more than running them. Here the final-block forward is captured once per
 final-length bucket and replayed for any context length up to ``max_context``:
 
-* one static KV buffer per layer holds the context (gathered and rotated into it by ``kernels``), the
-  final block and room to decode;
+* one static KV buffer per layer holds the final block and room to decode, and the context: gathered and
+  rotated into it by ``kernels`` before the replay, or, for device-resident blocks with the split-KV kernel,
+  read where the blocks are stored (``kernels.table_attention`` rotates the query instead of the keys) and
+  gathered into the buffer only before the first decoding step, after the first token;
 * the context length lives in device tensors: attention over the context uses flash attention's
   variable-length entry with ``seqused_k``, the context split into fixed chunks (flash-decoding style);
   chunks past the context are empty and dropped in the log-sum-exp merge;
@@ -33,7 +35,14 @@ from torch import Tensor
 from blockrag.assemble import _copy_from_host, block_offsets, fast_path, gather_plans
 from blockrag.attention import GraphState, graph_attention  # noqa: F401 (graph_attention: re-exported)
 from blockrag.hf import KVCache, buffer_cache, forward, slot_cache
-from blockrag.kernels import gather_rotate, split_meta
+from blockrag.kernels import (
+    Segment,
+    empty_segment_table,
+    fill_segment_table,
+    gather_rotate,
+    split_meta,
+    table_supported,
+)
 
 BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # final-block lengths; padding costs rows
 
@@ -53,6 +62,8 @@ class _GraphInputs:
     """
 
     def __init__(self, bucket: int, state: GraphState, device: torch.device) -> None:
+        self.table = None if state.table is None else empty_segment_table(
+            state.table.start.numel() - 1, state.table.items.shape[0], state.table.cos.shape[1], device, pin=True)
         self.ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
         self.positions = torch.arange(bucket, device=device)[None]
         self.last = torch.full((1,), bucket - 1, dtype=torch.long, device=device)
@@ -64,7 +75,9 @@ class _GraphInputs:
         self._copied = torch.cuda.Event()
         self._copied.record()
 
-    def upload(self, final_ids: list[int], context: int, chunk: int, max_splits: int) -> None:
+    def upload(self, final_ids: list[int], context: int, chunk: int, max_splits: int, segments=(),
+               inv_freq: Tensor | None = None) -> None:
+        """One request's inputs; with a segment table, ``segments`` (context, then the final block) fill it."""
         q, bucket = len(final_ids), self._long.shape[1]
         self._copied.synchronize()  # the mirrors may still be read by the last request's copies
         self._long[0, :q] = torch.tensor(final_ids)
@@ -80,7 +93,11 @@ class _GraphInputs:
         self.last.copy_(self._long[2, :1], non_blocking=True)
         self.state.seqused.copy_(self._used, non_blocking=True)
         self.state.valid.copy_(self._valid, non_blocking=True)
-        if self.state.meta is not None:
+        if self.table is not None:
+            fill_segment_table(self.table, segments, q, inv_freq, max_splits)
+            for mirror, target in zip(self.table, self.state.table):
+                target.copy_(mirror, non_blocking=True)
+        elif self.state.meta is not None:
             self._meta.copy_(torch.tensor(split_meta(context, q, max_splits), dtype=torch.int32))
             self.state.meta.copy_(self._meta, non_blocking=True)
         self._copied.record()
@@ -108,10 +125,17 @@ class FinalBlockGraphs:
             merge) or "auto" (triton where the head dim is a power of two).
         pipeline_host: overlap host-to-device copies with the replay, group of layers by group (False: copy
             everything, then replay).
+        rotary_half: the model's rotary frequencies (``RopeSpec.inv_freq`` length). Given, with the "triton"
+            attention and tile-friendly widths, attention reads the context through a segment table, and
+            device-resident blocks are read where they are stored (``read_in_place``): no copy before the
+            first token; the buffer is filled for decoding only when a token follows.
+        read_in_place: read device-resident blocks in place (False: gather them into the buffer first).
+        max_segments: most blocks a request may have to be read in place (more are gathered).
     """
 
     def __init__(self, model, max_context: int, chunk: int = 4096, buckets=BUCKETS, decode_room: int = 512,
-                 attention: str = "auto", max_splits: int = 16, pipeline_host: bool = True):
+                 attention: str = "auto", max_splits: int = 16, pipeline_host: bool = True,
+                 rotary_half: int | None = None, read_in_place: bool = True, max_segments: int = 1024):
         config = model.config.get_text_config()
         self.model = model
         self.buckets = tuple(sorted(buckets))
@@ -128,6 +152,10 @@ class FinalBlockGraphs:
         if attention not in ("triton", "flash"):
             raise ValueError(f"expected attention 'auto', 'triton' or 'flash', found {attention!r}")
         self.attention, self.max_splits, self.pipeline_host = attention, max_splits, pipeline_host
+        # the split-KV kernel reads through a segment table where its tiles fit the head and rotary widths
+        self.rotary_half = rotary_half if attention == "triton" and rotary_half is not None and table_supported(
+            dim, rotary_half) else None
+        self.read_in_place, self.max_segments = read_in_place, max_segments
         self.keys = torch.empty(layers, 1, heads, capacity, dim, dtype=dtype, device=device)
         self.values = torch.empty_like(self.keys)
         self.lock = threading.Lock()
@@ -160,21 +188,38 @@ class FinalBlockGraphs:
         return logits, cache, self.lock.release
 
     def prefill(self, blocks, final_ids: list[int], rope, reencode: bool, bucket: int) -> tuple[Tensor, KVCache]:
-        """Gather blocks into the buffer, replay the bucket's graphs; return (last logits (V,), decode cache).
+        """Replay the bucket's graphs over the blocks; return (last logits (V,), decode cache).
 
-        Blocks may be on the device or in (pinned) host memory, mixed.
+        Blocks may be on the device or in (pinned) host memory, mixed. Device-resident blocks of the model's
+        dtype are read in place (with a segment table); the others are gathered into the buffer first.
         """
         # NOTE: capture first: its warm-up runs write into the buffer, which must not clobber this context.
         captured = self._graphs.get(bucket) or self._capture(bucket)
         offsets = block_offsets(blocks)
         context = offsets[-1] + blocks[-1].num_tokens
         deltas = offsets if reencode else [0] * len(blocks)
-        # The request's lengths go up first, from pinned memory: a small copy queued after the context's bulk
-        # host-to-device copies would wait for all of them, and the first piece with it.
-        captured.inputs.upload(final_ids, context, self.chunk, self.max_splits)
         on_host = any(b.device.type == "cpu" for b in blocks)
-        ready = None
-        if on_host and self.pipeline_host and len(captured.graphs) > 1:
+        in_place = (self.rotary_half is not None and self.read_in_place and not on_host
+                    and len(blocks) < self.max_segments
+                    and all(not b.quantized and b.values.is_contiguous() for b in blocks))
+        q = len(final_ids)
+        layers, _, heads, cap, dim = self.keys.shape
+        if in_place:  # the blocks where they are, then the final block in the buffer
+            segments = [Segment(b.keys, b.values, 0, heads * b.num_tokens * dim, b.num_tokens * dim, b.num_tokens,
+                                delta) for b, delta in zip(blocks, deltas)]
+            segments.append(Segment(self.keys, self.values, context * dim, heads * cap * dim, cap * dim, q, 0))
+        else:  # the buffer, context gathered into it
+            segments = [Segment(self.keys, self.values, 0, heads * cap * dim, cap * dim, context + q, 0)]
+        # The request's inputs go up first, from pinned memory: a small copy queued after the context's bulk
+        # host-to-device copies would wait for all of them, and the first piece with it.
+        captured.inputs.upload(final_ids, context, self.chunk, self.max_splits, segments, rope.inv_freq)
+        ready, fill = None, None
+        if in_place:
+            def fill() -> None:  # before the first decoding step: the context into the buffer
+                for plan in gather_plans(blocks, [b.keys for b in blocks], [b.values for b in blocks], offsets,
+                                         deltas, rope, self.keys.device):
+                    gather_rotate(plan, 0, self.keys[:, 0], self.values[:, 0])
+        elif on_host and self.pipeline_host and len(captured.graphs) > 1:
             ready = _copy_from_host(blocks, offsets, deltas, rope, self.keys, self.values)  # per-layer hooks
         else:
             if on_host:
@@ -182,13 +227,14 @@ class FinalBlockGraphs:
             for plan in gather_plans(blocks, [b.keys for b in blocks], [b.values for b in blocks], offsets, deltas,
                                      rope, self.keys.device):
                 gather_rotate(plan, 0, self.keys[:, 0], self.values[:, 0])
-        q = len(final_ids)
-        for graph, layers in zip(captured.graphs, captured.groups):
+        for graph, group in zip(captured.graphs, captured.groups):
             if ready is not None:
-                for layer in layers:
+                for layer in group:
                     ready[layer]()  # wait for this layer's copy, gather + rotate it (compute stream)
             graph.replay()
-        return captured.logits[0, -1].float(), buffer_cache(self.model.config, self.keys, self.values, context + q)
+        hooks = [fill] + [None] * (layers - 1)  # layer 0 updates first: it fills every layer
+        return captured.logits[0, -1].float(), buffer_cache(self.model.config, self.keys, self.values, context + q,
+                                                            before_use=hooks)
 
     def _capture(self, bucket: int) -> _Captured:
         device = self.keys.device
@@ -201,7 +247,13 @@ class FinalBlockGraphs:
             cu_k=torch.arange(0, (self.chunks + 1) * self.chunk, self.chunk, dtype=torch.int32, device=device),
             tail=torch.arange(bucket, device=device),
         )
-        if self.attention == "triton":
+        if self.rotary_half is not None:  # until the first request: the buffer, as if it held the final block
+            state.table = empty_segment_table(self.max_segments, self.max_splits, self.rotary_half, device)
+            _, _, heads, cap, dim = self.keys.shape
+            fill_segment_table(state.table, [Segment(self.keys, self.values, 0, heads * cap * dim, cap * dim, bucket,
+                                                     0)], bucket, torch.zeros(self.rotary_half), self.max_splits)
+            state.meta, state.max_splits = state.table.meta, self.max_splits
+        elif self.attention == "triton":
             state.meta = torch.tensor(split_meta(0, bucket, self.max_splits), dtype=torch.int32, device=device)
             state.max_splits = self.max_splits
         inputs = _GraphInputs(bucket, state, device)

@@ -241,13 +241,11 @@ def _split_kv_kernel(
     if TABLE:
         dt = q_ptr.dtype.element_ty
         half = tl.arange(0, HALF)
-        x1 = tl.load(q_rows + half[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        x2 = tl.load(q_rows + (HALF + half[None, :]) * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
         if REST > 0:
             r = 2 * HALF + tl.arange(0, REST)
             q3 = tl.load(q_rows + r[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
         else:
-            q3 = x1.to(dt)  # unused
+            q3 = tl.zeros([BLOCK_M, 16], dtype=dt)  # unused
         start = tl.load(seg_start + seg)
         while start < hi:  # the segments this split crosses; the table ends with a start past every key
             end = start + tl.load(seg_len + seg)
@@ -255,6 +253,9 @@ def _split_kv_kernel(
             b = tl.minimum(hi, end)
             c = tl.load(seg_cos + seg * HALF + half)[None, :]
             s = tl.load(seg_sin + seg * HALF + half)[None, :]
+            # NOTE: the query is reloaded (from cache) per segment rather than kept in float32 registers
+            x1 = tl.load(q_rows + half[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            x2 = tl.load(q_rows + (HALF + half[None, :]) * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
             q1 = (x1 * c - x2 * s).to(dt)
             q2 = (x2 * c + x1 * s).to(dt)
             offset = layer * tl.load(seg_layer_stride + seg) + h * tl.load(seg_head_stride + seg) - start * D

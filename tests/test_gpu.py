@@ -229,3 +229,72 @@ def test_cuda_graph_prefill_matches_block_masked_reference(tokenizer, attention)
     tol = 5e-2 * ref.abs().max().item()
     torch.testing.assert_close(got.logits, ref, atol=tol, rtol=0)
     assert (other - ref).abs().max() > 2 * tol  # negative control: dropping the passages is detected
+
+
+def _wide_model(arch: str, tokenizer):
+    """A tiny bf16 model whose heads are wide enough for the segment-table kernel (head dim 64)."""
+    from transformers import AutoModelForCausalLM
+
+    from blockrag.testing import tiny_config
+
+    config = tiny_config(arch, vocab_size=len(tokenizer))
+    if arch == "phi":  # head dim from the hidden size; partial rotary: 32 of 64 dims rotate
+        config.hidden_size, config.intermediate_size = 256, 256
+    else:
+        config.head_dim = 64
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    return model.eval().to(CUDA)
+
+
+@pytest.mark.parametrize("arch", ["llama3", "phi"])
+def test_graph_reads_device_blocks_in_place(tokenizer, arch):
+    """The graph path reads device-resident blocks where they are stored (query rotated back per block, nothing
+    gathered before the first token): equal to the gathered graph path and to ONE block-masked float32 forward,
+    decoding after it (buffer filled on the first step) equals the eager path, and a context with more blocks
+    than the table holds falls back to gathering. Negative control: the reference without the passages."""
+    from blockrag import BlockEngine
+    from blockrag.graphs import FinalBlockGraphs
+
+    model = _wide_model(arch, tokenizer)
+    passages = [f"Passage {i} keeps facts about rotary caches, item {i}." * (1 + i % 3) for i in range(12)]
+    question = "Which passage keeps item seven?"
+    model.to(torch.bfloat16)
+    eager = BlockEngine(model, tokenizer, fast_attention=True)
+    in_place = BlockEngine(model, tokenizer, fast_attention=True)
+    half = in_place.rope.inv_freq.numel()
+    in_place.graphs = FinalBlockGraphs(model, max_context=1024, chunk=64, max_splits=8, rotary_half=half)
+    assert in_place.graphs.rotary_half == half  # the segment table is in use
+    gathered = BlockEngine(model, tokenizer, fast_attention=True)
+    gathered.graphs = FinalBlockGraphs(model, max_context=1024, chunk=64, max_splits=8, rotary_half=half,
+                                       read_in_place=False)
+    for count in (1, 5, 12):
+        blocks = in_place.encode(passages[:count])
+        a = in_place.prefill(blocks, question)
+        b = gathered.prefill(blocks, question)
+        c = eager.prefill(blocks, question)
+        tol = 3e-2 * c.logits.abs().max().item()
+        torch.testing.assert_close(a.logits, c.logits, atol=tol, rtol=0)
+        torch.testing.assert_close(b.logits, c.logits, atol=tol, rtol=0)
+    assert len(in_place.graphs._graphs) == 1  # the graph path ran (no eager fallback)
+    ids = [list(x.token_ids) for x in a.blocks]
+    ref = reference_logits(model.float(), ids, a.final_ids)[-1].cpu()
+    other = reference_logits(model, ids[:1], a.final_ids)[-1].cpu()
+    model.to(torch.bfloat16)
+    tol = 5e-2 * ref.abs().max().item()
+    torch.testing.assert_close(a.logits, ref, atol=tol, rtol=0)
+    assert (other - ref).abs().max() > 2 * tol  # negative control: dropping the passages is detected
+    # without position re-encoding every block keeps positions 0..T-1: the query is not rotated back
+    torch.testing.assert_close(in_place.prefill(passages[:6], question, reencode=False).logits,
+                               eager.prefill(passages[:6], question, reencode=False).logits, atol=tol, rtol=0)
+    # decoding after an in-place prefill: the buffer is filled before the first step
+    ga = in_place.generate(passages[:6], question, max_new_tokens=8)
+    gb = eager.generate(passages[:6], question, max_new_tokens=8)
+    assert ga.token_ids[:3] == gb.token_ids[:3]
+    in_place.graphs.max_segments = 4  # more blocks than the table holds: gathered into the buffer instead
+    torch.testing.assert_close(in_place.prefill(passages, question).logits, eager.prefill(passages, question).logits,
+                               atol=tol, rtol=0)
