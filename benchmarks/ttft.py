@@ -13,6 +13,8 @@ llama3 rope scaling), random bf16 weights, passages of ~512 tokens, a ~64-token 
                   segment table (blockrag.kernels.table_attention): nothing is copied before the first token
   block-graph-gather  the same graph with the blocks first gathered into the static buffer (read_in_place=False),
                   the previous graph path, same run
+  block-graph-unfused  block-graph with RMSNorm and the rotary embedding captured as the model's own kernels
+                  (fuse=False) instead of one fused Triton kernel each (blockrag.fused)
   block-graph-flash  the same graph with the previous attention (flash varlen over 4K chunks + causal tail +
                   log-sum-exp merge), same run, for the side-by-side comparison
   block-graph-host      bf16 blocks from pinned host memory through the graph path: copies go group of 4
@@ -284,10 +286,12 @@ def run_gpu(args) -> dict:
     graphed = BlockEngine(model, tokenizer, template=TEMPLATE, cuda_graphs=max(args.totals))
     graphed_flash = BlockEngine(model, tokenizer, template=TEMPLATE)
     graphed_gather = BlockEngine(model, tokenizer, template=TEMPLATE)
+    graphed_unfused = BlockEngine(model, tokenizer, template=TEMPLATE)
     from blockrag.graphs import FinalBlockGraphs
 
     graphed_flash.graphs = FinalBlockGraphs(model, max(args.totals), attention="flash")
     graphed_gather.graphs = FinalBlockGraphs(model, max(args.totals), rotary_half=64, read_in_place=False)
+    graphed_unfused.graphs = FinalBlockGraphs(model, max(args.totals), rotary_half=64, fuse=False)
     assert graphed.graphs.rotary_half == 64, "the segment table is in use"
     assert graphed.graphs.attention == "triton", graphed.graphs.attention
     question = passage_texts(tokenizer, 1, args.question_tokens, seed=99)[0]
@@ -325,6 +329,8 @@ def run_gpu(args) -> dict:
         row["block_graph_ms"] = 1e3 * median_time(graph_call, args.repeats)
         row["block_graph_gather_ms"] = 1e3 * median_time(
             functools.partial(graphed_gather.prefill, gpu_blocks, question), args.repeats)
+        row["block_graph_unfused_ms"] = 1e3 * median_time(
+            functools.partial(graphed_unfused.prefill, gpu_blocks, question), args.repeats)
         row["block_graph_flash_ms"] = 1e3 * median_time(functools.partial(graphed_flash.prefill, gpu_blocks, question),
                                                         args.repeats)
         row["block_graph_host_ms"] = 1e3 * median_time(functools.partial(graphed.prefill, host_blocks, question),
@@ -347,6 +353,9 @@ def run_gpu(args) -> dict:
                                                                 - reference).abs().max())
         row["graph_replay_ms"] = replay_ms(graphed)
         row["graph_replay_gather_ms"] = replay_ms(graphed_gather)
+        row["graph_replay_unfused_ms"] = replay_ms(graphed_unfused)
+        row["graph_unfused_vs_fast_max_abs_logit_diff"] = float(
+            (graphed_unfused.prefill(gpu_blocks, question).logits - reference).abs().max())
         row["graph_replay_flash_ms"] = replay_ms(graphed_flash)
         row.update(attention_layer_us(row["context_tokens"], row["final_tokens"]))
         if args.disk:
@@ -368,6 +377,7 @@ def run_gpu(args) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"device": torch.cuda.get_device_name(), "model": "Llama-3.1-8B shape, random weights", "dtype": "bfloat16",
+            "fused": graphed.graphs.fused.decisions,
             "block_tokens": args.block_tokens, "question_tokens": args.question_tokens,
             "d2d_GBps_read_plus_write": d2d, "h2d_GBps": h2d, "weight_bytes": weight_bytes,
             "encode_tokens_per_s": encode_tps, "rows": rows}

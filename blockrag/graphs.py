@@ -25,6 +25,7 @@ buffer (a lock); a concurrent request falls back to the eager path.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from torch import Tensor
 
 from blockrag.assemble import _copy_from_host, block_offsets, fast_path, gather_plans
 from blockrag.attention import GraphState, graph_attention  # noqa: F401 (graph_attention: re-exported)
+from blockrag.fused import FusedOps
 from blockrag.hf import KVCache, buffer_cache, forward, slot_cache
 from blockrag.kernels import (
     Segment,
@@ -131,11 +133,14 @@ class FinalBlockGraphs:
             first token; the buffer is filled for decoding only when a token follows.
         read_in_place: read device-resident blocks in place (False: gather them into the buffer first).
         max_segments: most blocks a request may have to be read in place (more are gathered).
+        fuse: capture RMSNorm and the rotary embedding as one fused kernel each where ``blockrag.fused`` finds,
+            on the warm-up forwards, that the fused kernel gives the module's own numbers (``fused.decisions``).
     """
 
     def __init__(self, model, max_context: int, chunk: int = 4096, buckets=BUCKETS, decode_room: int = 512,
                  attention: str = "auto", max_splits: int = 16, pipeline_host: bool = True,
-                 rotary_half: int | None = None, read_in_place: bool = True, max_segments: int = 1024):
+                 rotary_half: int | None = None, read_in_place: bool = True, max_segments: int = 1024,
+                 fuse: bool = True):
         config = model.config.get_text_config()
         self.model = model
         self.buckets = tuple(sorted(buckets))
@@ -156,6 +161,7 @@ class FinalBlockGraphs:
         self.rotary_half = rotary_half if attention == "triton" and rotary_half is not None and table_supported(
             dim, rotary_half) else None
         self.read_in_place, self.max_segments = read_in_place, max_segments
+        self.fused = FusedOps(model) if fuse else None
         self.keys = torch.empty(layers, 1, heads, capacity, dim, dtype=dtype, device=device)
         self.values = torch.empty_like(self.keys)
         self.lock = threading.Lock()
@@ -284,20 +290,22 @@ class FinalBlockGraphs:
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up outside the graph: kernels selected, workspaces allocated
-                step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        torch.cuda.synchronize(device)
-        capture = torch.cuda.Stream(device)
-        with torch.cuda.stream(capture):
-            graphs[0].capture_begin(pool=pool)
-            switch["on"] = True
-            try:
-                logits = step()
-            finally:
-                switch["on"] = False
-                graphs[switch["piece"]].capture_end()
+        fused = self.fused or contextlib.nullcontext()
+        with fused:  # the fused kernels are captured where the warm-up found them equal to the model's own
+            with torch.cuda.stream(side), (fused.verify() if self.fused else contextlib.nullcontext()):
+                for _ in range(2):  # warm-up outside the graph: kernels selected, workspaces allocated
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.synchronize(device)
+            capture = torch.cuda.Stream(device)
+            with torch.cuda.stream(capture):
+                graphs[0].capture_begin(pool=pool)
+                switch["on"] = True
+                try:
+                    logits = step()
+                finally:
+                    switch["on"] = False
+                    graphs[switch["piece"]].capture_end()
         torch.cuda.current_stream(device).wait_stream(capture)
         if switch["piece"] != len(graphs) - 1:
             raise RuntimeError(f"captured {switch['piece'] + 1} graph pieces, expected {len(graphs)}")

@@ -281,6 +281,9 @@ def test_graph_reads_device_blocks_in_place(tokenizer, arch):
         torch.testing.assert_close(a.logits, c.logits, atol=tol, rtol=0)
         torch.testing.assert_close(b.logits, c.logits, atol=tol, rtol=0)
     assert len(in_place.graphs._graphs) == 1  # the graph path ran (no eager fallback)
+    decisions = in_place.graphs.fused.decisions  # fused kernels were checked on the warm-up and captured
+    assert any(key.endswith("apply_rotary_pos_emb") and ok for key, ok in decisions.items()), decisions
+    assert arch != "llama3" or decisions.get("LlamaRMSNorm"), decisions
     ids = [list(x.token_ids) for x in a.blocks]
     ref = reference_logits(model.float(), ids, a.final_ids)[-1].cpu()
     other = reference_logits(model, ids[:1], a.final_ids)[-1].cpu()
