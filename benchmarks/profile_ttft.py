@@ -143,7 +143,7 @@ def sweep(contexts, q_real: int, bucket: int, block: int = 512) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--total", type=int, default=32768, help="total prompt tokens of the profiled request")
-    parser.add_argument("--sweep-contexts", type=int, nargs="*", default=[4096, 32768])
+    parser.add_argument("--sweep-contexts", type=int, nargs="*", default=[32768])
     parser.add_argument("--budgets", type=int, nargs="*", default=[4096, 8192, 16384])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/profile_ttft.json"))
     args = parser.parse_args()
