@@ -164,30 +164,18 @@ def _read_meta(meta_ptr):
 
 
 @triton.jit
-def _load_keys(k_base, cols, stride_kt, first: tl.constexpr, size: tl.constexpr, inside, MASKED: tl.constexpr):
-    d = first + tl.arange(0, size)
-    if MASKED:
-        return tl.load(k_base + cols[None, :] * stride_kt + d[:, None], mask=inside[None, :], other=0.0)
-    return tl.load(k_base + cols[None, :] * stride_kt + d[:, None])
-
-
-@triton.jit
-def _split_kv_tiles(acc, m_i, l_i, q1, q2, q3, k_base, v_base, stride_kt, stride_vt, start, stop, hi, limit,
-                    qk_scale, D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, PIECES: tl.constexpr,
-                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start, stop, hi, limit, qk_scale,
+                    D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax over key tiles start..stop (keys at or past ``hi``, or past a row's ``limit``, masked)."""
     d = tl.arange(0, D)
     for first in range(start, stop, BLOCK_N):
         cols = first + tl.arange(0, BLOCK_N)
-        inside = cols < hi
-        if PIECES == 1:  # the query whole: one product over D
-            scores = tl.dot(q1, _load_keys(k_base, cols, stride_kt, 0, D, inside, MASKED))
-        else:  # rotated halves (and the unrotated rest) of the query, each against its part of the keys
-            scores = tl.dot(q1, _load_keys(k_base, cols, stride_kt, 0, HALF, inside, MASKED))
-            scores += tl.dot(q2, _load_keys(k_base, cols, stride_kt, HALF, HALF, inside, MASKED))
-            if REST > 0:
-                scores += tl.dot(q3, _load_keys(k_base, cols, stride_kt, 2 * HALF, REST, inside, MASKED))
-        scores = scores * qk_scale
+        if MASKED:
+            inside = cols < hi
+            kt = tl.load(k_base + cols[None, :] * stride_kt + d[:, None], mask=inside[None, :], other=0.0)
+        else:
+            kt = tl.load(k_base + cols[None, :] * stride_kt + d[:, None])
+        scores = tl.dot(q, kt) * qk_scale
         if MASKED:
             keep = inside[None, :] & (cols[None, :] <= limit[:, None])
             scores = tl.where(keep, scores, float("-inf"))
@@ -210,8 +198,8 @@ def _split_kv_kernel(
     seg_k, seg_v, seg_layer_stride, seg_head_stride, seg_start, seg_len, seg_cos, seg_sin, items, layer,
     stride_qh, stride_qt, stride_qd, stride_kh, stride_kt, stride_vh, stride_vt,
     rows_total, kv_heads, qk_scale,
-    G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, TABLE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -221,72 +209,58 @@ def _split_kv_kernel(
     real_rows = G * q_real
     if split >= splits or tile * BLOCK_M >= real_rows:
         return
-    if TABLE:
-        lo = tl.load(items + 3 * split)
-        hi = tl.load(items + 3 * split + 1)
-        seg = tl.load(items + 3 * split + 2)
-    else:
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, total)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     t = rows // G
     head = h * G + rows % G
     row_ok = rows < rows_total
     q_rows = q_ptr + head[:, None].to(tl.int64) * stride_qh + t[:, None] * stride_qt
     limit = n + t
+    d = tl.arange(0, D)
     # NOTE: a finite start for the running max: a row may see no key at all in a split of the final block.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     if TABLE:
-        dt = q_ptr.dtype.element_ty
-        half = tl.arange(0, HALF)
-        if REST > 0:
-            r = 2 * HALF + tl.arange(0, REST)
-            q3 = tl.load(q_rows + r[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-        else:
-            q3 = tl.zeros([BLOCK_M, 16], dtype=dt)  # unused
-        start = tl.load(seg_start + seg)
-        while start < hi:  # the segments this split crosses; the table ends with a start past every key
-            end = start + tl.load(seg_len + seg)
+        lo = tl.load(items + 4 * split)
+        hi = tl.load(items + 4 * split + 1)
+        # rotate-half: dim i < R/2 pairs with i + R/2 (minus sine), R/2 <= i < R with i - R/2; dims past R stay
+        rotary = d < 2 * HALF
+        partner = tl.where(d < HALF, d + HALF, tl.where(rotary, d - HALF, d))
+        freq = tl.where(d < HALF, d, d - HALF)
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        for seg in range(tl.load(items + 4 * split + 2), tl.load(items + 4 * split + 3)):
+            start = tl.load(seg_start + seg)
             a = tl.maximum(lo, start)
-            b = tl.minimum(hi, end)
-            c = tl.load(seg_cos + seg * HALF + half)[None, :]
-            s = tl.load(seg_sin + seg * HALF + half)[None, :]
+            b = tl.minimum(hi, start + tl.load(seg_len + seg))
+            c = tl.load(seg_cos + seg * HALF + freq, mask=rotary, other=1.0)
+            s = tl.load(seg_sin + seg * HALF + freq, mask=rotary, other=0.0) * sign
             # NOTE: the query is reloaded (from cache) per segment rather than kept in float32 registers
-            x1 = tl.load(q_rows + half[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            x2 = tl.load(q_rows + (HALF + half[None, :]) * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            q1 = (x1 * c - x2 * s).to(dt)
-            q2 = (x2 * c + x1 * s).to(dt)
+            x = tl.load(q_rows + d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            y = tl.load(q_rows + partner[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            q = (x * c[None, :] + y * s[None, :]).to(q_ptr.dtype.element_ty)
             offset = layer * tl.load(seg_layer_stride + seg) + h * tl.load(seg_head_stride + seg) - start * D
-            k_base = tl.load(seg_k + seg).to(tl.pointer_type(dt)) + offset
-            v_base = tl.load(seg_v + seg).to(tl.pointer_type(dt)) + offset
+            k_base = tl.load(seg_k + seg).to(tl.pointer_type(q_ptr.dtype.element_ty)) + offset
+            v_base = tl.load(seg_v + seg).to(tl.pointer_type(q_ptr.dtype.element_ty)) + offset
             # Whole tiles of context keys need no mask; the rest (segment remainder, final block) is masked.
             full_end = a + tl.maximum(tl.minimum(b, n) - a, 0) // BLOCK_N * BLOCK_N
-            acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q1, q2, q3, k_base, v_base, D, D, a, full_end, b, limit,
-                                            qk_scale, D=D, HALF=HALF, REST=REST, PIECES=2, BLOCK_N=BLOCK_N,
-                                            MASKED=False)
-            acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q1, q2, q3, k_base, v_base, D, D, full_end, b, b, limit,
-                                            qk_scale, D=D, HALF=HALF, REST=REST, PIECES=2, BLOCK_N=BLOCK_N,
-                                            MASKED=True)
-            seg += 1
-            start = tl.load(seg_start + seg)
+            acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, D, D, a, full_end, b, limit, qk_scale,
+                                            D=D, BLOCK_N=BLOCK_N, MASKED=False)
+            acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, D, D, full_end, b, b, limit, qk_scale,
+                                            D=D, BLOCK_N=BLOCK_N, MASKED=True)
     else:
-        d = tl.arange(0, D)
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, total)
         q = tl.load(q_rows + d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
         k_base = k_ptr + h.to(tl.int64) * stride_kh
         v_base = v_ptr + h.to(tl.int64) * stride_vh
         full_end = lo + tl.maximum(tl.minimum(hi, n) - lo, 0) // BLOCK_N * BLOCK_N
-        acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, q, q, k_base, v_base, stride_kt, stride_vt, lo, full_end,
-                                        hi, limit, qk_scale, D=D, HALF=HALF, REST=REST, PIECES=1, BLOCK_N=BLOCK_N,
-                                        MASKED=False)
-        acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, q, q, k_base, v_base, stride_kt, stride_vt, full_end, hi,
-                                        hi, limit, qk_scale, D=D, HALF=HALF, REST=REST, PIECES=1, BLOCK_N=BLOCK_N,
-                                        MASKED=True)
+        acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, full_end, hi,
+                                        limit, qk_scale, D=D, BLOCK_N=BLOCK_N, MASKED=False)
+        acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, full_end, hi, hi,
+                                        limit, qk_scale, D=D, BLOCK_N=BLOCK_N, MASKED=True)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    d = tl.arange(0, D)
     base = (split * kv_heads + h).to(tl.int64) * rows_total
     tl.store(part_o + (base + rows[:, None]) * D + d[None, :], out, mask=row_ok[:, None])
     tl.store(part_lse + base + rows, lse, mask=row_ok)
@@ -355,27 +329,25 @@ def split_meta(context: int, q_real: int, max_splits: int, min_chunk: int = 256,
 class SegmentTable(NamedTuple):
     """Device tensors of ``table_attention`` (fixed capacity, so a CUDA graph can read any request's table).
 
-    Rows 0..count-1 describe segments, in context order; row ``count`` holds a start past every key.
+    Rows 0..count-1 describe segments, in context order.
     """
 
     k: Tensor  # (S+1,) int64 data pointer of layer 0, head 0, the segment's first token
     v: Tensor  # (S+1,) int64
     layer_stride: Tensor  # (S+1,) int64 elements from one layer to the next
     head_stride: Tensor  # (S+1,) int64 elements from one KV head to the next
-    start: Tensor  # (S+1,) int64 context coordinate of the segment's first token
+    start: Tensor  # (S+1,) int64 context coordinate of the segment's first token (row S unused)
     length: Tensor  # (S+1,) int64
     cos: Tensor  # (S+1, R/2) float32 cos(-delta * inv_freq)
     sin: Tensor  # (S+1, R/2) float32
-    items: Tensor  # (I, 3) int32 per split: first key, end, first segment
+    items: Tensor  # (I, 4) int32 per split: first key, end, first segment, segment after the last
     meta: Tensor  # (4,) int32: n, q_real, segments, splits in use
 
 
 def table_supported(dim: int, rotary_half: int) -> bool:
-    """Whether ``table_attention`` takes this head dim and rotary half-width (matrix products need >= 16 lanes)."""
-    def tile(x):
-        return x >= 16 and not x & (x - 1)
-    rest = dim - 2 * rotary_half
-    return tile(dim) and tile(rotary_half) and (rest == 0 or tile(rest))
+    """Whether ``table_attention`` takes this head dim and rotary half-width (as ``final_block_attention``: a
+    power-of-two head dim of at least 16; any rotary width up to it)."""
+    return dim >= 16 and not dim & (dim - 1) and 0 < 2 * rotary_half <= dim
 
 
 def empty_segment_table(segments: int, items: int, rotary_half: int, device, pin: bool = False) -> SegmentTable:
@@ -384,7 +356,7 @@ def empty_segment_table(segments: int, items: int, rotary_half: int, device, pin
         return torch.zeros(shape, dtype=dtype, device=None if pin else device, pin_memory=pin)
     longs = [make(segments + 1, torch.int64) for _ in range(6)]
     return SegmentTable(*longs, make((segments + 1, rotary_half), torch.float32),
-                        make((segments + 1, rotary_half), torch.float32), make((items, 3), torch.int32),
+                        make((segments + 1, rotary_half), torch.float32), make((items, 4), torch.int32),
                         make(4, torch.int32))
 
 
@@ -421,7 +393,7 @@ def fill_segment_table(table: SegmentTable, segments: Sequence[Segment], q_real:
     table.v[:count] = torch.tensor([seg.values.data_ptr() + seg.offset * size for seg in segments])
     table.layer_stride[:count] = torch.tensor([seg.layer_stride for seg in segments])
     table.head_stride[:count] = torch.tensor([seg.head_stride for seg in segments])
-    table.start[: count + 1] = torch.tensor([*starts, 1 << 62])
+    table.start[:count] = torch.tensor(starts)
     table.length[:count] = torch.tensor([seg.length for seg in segments])
     angles = -torch.tensor([seg.delta for seg in segments], dtype=torch.float64)[:, None] * inv_freq.double()[None]
     table.cos[:count] = angles.cos()
@@ -429,8 +401,8 @@ def fill_segment_table(table: SegmentTable, segments: Sequence[Segment], q_real:
     chunk = split_meta(n, q_real, max_splits, min_chunk, block_n)[2]
     items = []
     for lo in range(0, total, chunk):
-        first = bisect.bisect_right(starts, lo) - 1
-        items.append([lo, min(lo + chunk, total), first])
+        hi = min(lo + chunk, total)
+        items.append([lo, hi, bisect.bisect_right(starts, lo) - 1, bisect.bisect_left(starts, hi)])
     table.items[: len(items)] = torch.tensor(items, dtype=torch.int32)
     table.meta.copy_(torch.tensor([n, q_real, count, len(items)], dtype=torch.int32))
 
@@ -489,11 +461,11 @@ def _attention(query, key, value, scale, meta, max_splits, config, table, layer,
         segs = tuple(table[:9])
         half = table.cos.shape[1]
         if not table_supported(dim, half):
-            raise ValueError(f"expected a head dim and rotary half-width of 16, 32, 64..., found {dim}, {half}")
+            raise ValueError(f"expected a rotary width of at most the head dim, found {2 * half} > {dim}")
     _split_kv_kernel[(tiles, max_splits, kv_heads)](
         query, key, value, meta, part_o, part_lse, *segs, layer,
         query.stride(1), query.stride(2), query.stride(3), *key_strides, rows, kv_heads, scale * LOG2E,
-        G=groups, D=dim, HALF=half, REST=dim - 2 * half, TABLE=table is not None, BLOCK_M=config.block_m,
+        G=groups, D=dim, HALF=half, TABLE=table is not None, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, num_warps=config.warps, num_stages=config.stages,
     )
     _merge_splits_kernel[(triton.cdiv(rows, config.merge_block_m), kv_heads)](

@@ -92,7 +92,8 @@ TABLE_SCRIPT = PRELUDE + textwrap.dedent('''
     cases = [(2, 3, 3, 1, 32, 16, [5, 40, 17], 7, 5, 4, 16, True),
              (1, 4, 2, 1, 64, 16, [130, 3, 64, 90], 16, 16, 8, 32, True),
              (2, 2, 1, 0, 32, 16, [33], 9, 4, 2, 16, False),
-             (2, 2, 2, 0, 64, 32, [300, 200], 16, 11, 1, 256, True)]
+             (2, 2, 2, 0, 64, 32, [300, 200], 16, 11, 1, 256, True),
+             (1, 2, 2, 1, 64, 12, [70, 45, 90], 8, 8, 4, 32, True)]  # rotary width 24 of 64
     for dtype in (torch.float16, torch.float32):
         for kv_heads, groups, layers, layer, dim, half, lengths, qb, q_real, splits, min_chunk, reencode in cases:
             inv_freq = 1.0 / (500.0 ** (torch.arange(half, dtype=torch.float64) / half))
@@ -148,7 +149,7 @@ def test_table_attention_reads_segments_in_place_and_rotates_the_query():
     done = subprocess.run([sys.executable, "-c", TABLE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 8
+    assert len(results) == 10
     assert any(r["splits"] > 1 for r in results) and any(r["splits"] == 1 for r in results)
     for r in results:
         tol = 2e-3 if r["dtype"] == "torch.float16" else 1e-5
