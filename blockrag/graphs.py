@@ -207,7 +207,8 @@ class FinalBlockGraphs:
         on_host = any(b.device.type == "cpu" for b in blocks)
         in_place = (self.rotary_half is not None and self.read_in_place and not on_host
                     and len(blocks) < self.max_segments
-                    and all(not b.quantized and b.values.is_contiguous() for b in blocks))
+                    and all(not b.quantized and b.values.is_contiguous() and b.keys.data_ptr() % 16 == 0
+                            and b.values.data_ptr() % 16 == 0 for b in blocks))
         q = len(final_ids)
         layers, _, heads, cap, dim = self.keys.shape
         if in_place:  # the blocks where they are, then the final block in the buffer

@@ -238,9 +238,12 @@ def _split_kv_kernel(
             x = tl.load(q_rows + d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
             y = tl.load(q_rows + partner[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
             q = (x * c[None, :] + y * s[None, :]).to(q_ptr.dtype.element_ty)
-            offset = layer * tl.load(seg_layer_stride + seg) + h * tl.load(seg_head_stride + seg) - start * D
-            k_base = tl.load(seg_k + seg).to(tl.pointer_type(q_ptr.dtype.element_ty)) + offset
-            v_base = tl.load(seg_v + seg).to(tl.pointer_type(q_ptr.dtype.element_ty)) + offset
+            # NOTE: alignment hints (checked by fill_segment_table): addresses read from a table carry none, and
+            # without them every key and value load is split into 2-byte accesses.
+            offset = tl.multiple_of(layer * tl.load(seg_layer_stride + seg) + h * tl.load(seg_head_stride + seg)
+                                    - start * D, 16)
+            k_base = tl.multiple_of(tl.load(seg_k + seg), 16).to(tl.pointer_type(q_ptr.dtype.element_ty)) + offset
+            v_base = tl.multiple_of(tl.load(seg_v + seg), 16).to(tl.pointer_type(q_ptr.dtype.element_ty)) + offset
             # Whole tiles of context keys need no mask; the rest (segment remainder, final block) is masked.
             full_end = a + tl.maximum(tl.minimum(b, n) - a, 0) // BLOCK_N * BLOCK_N
             acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, D, D, a, full_end, b, limit, qk_scale,
@@ -389,8 +392,14 @@ def fill_segment_table(table: SegmentTable, segments: Sequence[Segment], q_real:
         total += seg.length
     n = total - q_real
     size = segments[0].keys.element_size()
-    table.k[:count] = torch.tensor([seg.keys.data_ptr() + seg.offset * size for seg in segments])
-    table.v[:count] = torch.tensor([seg.values.data_ptr() + seg.offset * size for seg in segments])
+    keys = [seg.keys.data_ptr() + seg.offset * size for seg in segments]
+    values = [seg.values.data_ptr() + seg.offset * size for seg in segments]
+    strides = [x for seg in segments for x in (seg.layer_stride, seg.head_stride, seg.keys.shape[-1])]
+    if any(a % 16 for a in keys + values) or any(x % 16 for x in strides):
+        raise ValueError("expected segment addresses on 16-byte boundaries and strides of 16 elements (the kernel "
+                         "assumes both)")
+    table.k[:count] = torch.tensor(keys)
+    table.v[:count] = torch.tensor(values)
     table.layer_stride[:count] = torch.tensor([seg.layer_stride for seg in segments])
     table.head_stride[:count] = torch.tensor([seg.head_stride for seg in segments])
     table.start[:count] = torch.tensor(starts)
