@@ -8,13 +8,13 @@ llama3 rope scaling), random bf16 weights, passages of ~512 tokens, a ~64-token 
   block-gpu       block mode, KV resident on the GPU (Triton gather+rotate, GQA-native attention)
   block-host      block mode, KV in pinned host memory (layer-wise pipelined copies)
   block-host-fp8  the same with fp8 (e4m3) KV and per-(layer, head) scales, dequantised while gathering
-  block-graph     block-gpu with the final-block forward replayed from a CUDA graph (cuda_graphs=...); its
-                  attention is the Triton split-KV kernel reading the blocks where they are stored, through a
-                  segment table (blockrag.kernels.table_attention): nothing is copied before the first token
-  block-graph-gather  the same graph with the blocks first gathered into the static buffer (read_in_place=False),
-                  the previous graph path, same run
-  block-graph-unfused  block-graph with RMSNorm and the rotary embedding captured as the model's own kernels
-                  (fuse=False) instead of one fused Triton kernel each (blockrag.fused)
+  block-graph     block-gpu with the final-block forward replayed from a CUDA graph (cuda_graphs=...): blocks
+                  gathered into the static buffer, the Triton split-KV attention over it
+                  (blockrag.kernels.final_block_attention), RMSNorm and rotary as fused kernels (blockrag.fused)
+  block-graph-unfused  the same graph with RMSNorm and the rotary embedding captured as the model's own kernels
+                  (fuse=False), the previous graph path
+  block-graph-in-place  the same graph reading the blocks where they are stored through a segment table
+                  (read_in_place=True, blockrag.kernels.table_attention): nothing is copied before the first token
   block-graph-flash  the same graph with the previous attention (flash varlen over 4K chunks + causal tail +
                   log-sum-exp merge), same run, for the side-by-side comparison
   block-graph-host      bf16 blocks from pinned host memory through the graph path: copies go group of 4
@@ -285,14 +285,14 @@ def run_gpu(args) -> dict:
     naive = BlockEngine(model, tokenizer, template=TEMPLATE, fast_attention=False, assemble_path="eager")
     graphed = BlockEngine(model, tokenizer, template=TEMPLATE, cuda_graphs=max(args.totals))
     graphed_flash = BlockEngine(model, tokenizer, template=TEMPLATE)
-    graphed_gather = BlockEngine(model, tokenizer, template=TEMPLATE)
+    graphed_in_place = BlockEngine(model, tokenizer, template=TEMPLATE)
     graphed_unfused = BlockEngine(model, tokenizer, template=TEMPLATE)
     from blockrag.graphs import FinalBlockGraphs
 
     graphed_flash.graphs = FinalBlockGraphs(model, max(args.totals), attention="flash")
-    graphed_gather.graphs = FinalBlockGraphs(model, max(args.totals), rotary_half=64, read_in_place=False)
-    graphed_unfused.graphs = FinalBlockGraphs(model, max(args.totals), rotary_half=64, fuse=False)
-    assert graphed.graphs.rotary_half == 64, "the segment table is in use"
+    graphed_in_place.graphs = FinalBlockGraphs(model, max(args.totals), rotary_half=64, read_in_place=True)
+    graphed_unfused.graphs = FinalBlockGraphs(model, max(args.totals), fuse=False)
+    assert graphed_in_place.graphs.rotary_half == 64, "the segment table is in use"
     assert graphed.graphs.attention == "triton", graphed.graphs.attention
     question = passage_texts(tokenizer, 1, args.question_tokens, seed=99)[0]
     d2d, h2d = device_bandwidth(device)
@@ -327,8 +327,8 @@ def run_gpu(args) -> dict:
         fp8_logits = fast.prefill(host_fp8, question).logits
         graph_call = functools.partial(graphed.prefill, gpu_blocks, question)
         row["block_graph_ms"] = 1e3 * median_time(graph_call, args.repeats)
-        row["block_graph_gather_ms"] = 1e3 * median_time(
-            functools.partial(graphed_gather.prefill, gpu_blocks, question), args.repeats)
+        row["block_graph_in_place_ms"] = 1e3 * median_time(
+            functools.partial(graphed_in_place.prefill, gpu_blocks, question), args.repeats)
         row["block_graph_unfused_ms"] = 1e3 * median_time(
             functools.partial(graphed_unfused.prefill, gpu_blocks, question), args.repeats)
         row["block_graph_flash_ms"] = 1e3 * median_time(functools.partial(graphed_flash.prefill, gpu_blocks, question),
@@ -349,10 +349,10 @@ def run_gpu(args) -> dict:
                                                          - reference).abs().max())
         row["graph_flash_vs_fast_max_abs_logit_diff"] = float((graphed_flash.prefill(gpu_blocks, question).logits
                                                                - reference).abs().max())
-        row["graph_gather_vs_fast_max_abs_logit_diff"] = float((graphed_gather.prefill(gpu_blocks, question).logits
-                                                                - reference).abs().max())
+        row["graph_in_place_vs_fast_max_abs_logit_diff"] = float(
+            (graphed_in_place.prefill(gpu_blocks, question).logits - reference).abs().max())
         row["graph_replay_ms"] = replay_ms(graphed)
-        row["graph_replay_gather_ms"] = replay_ms(graphed_gather)
+        row["graph_replay_in_place_ms"] = replay_ms(graphed_in_place)
         row["graph_replay_unfused_ms"] = replay_ms(graphed_unfused)
         row["graph_unfused_vs_fast_max_abs_logit_diff"] = float(
             (graphed_unfused.prefill(gpu_blocks, question).logits - reference).abs().max())
@@ -452,6 +452,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON and PNG")
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and not args.cpu
+    if args.disk:
+        args.disk.mkdir(parents=True, exist_ok=True)
     args.totals = args.totals or ([4096, 8192, 16384, 32768] if gpu else [1024, 2048, 4096])
     args.block_tokens = args.block_tokens or (512 if gpu else 256)
     args.question_tokens = args.question_tokens or (64 if gpu else 32)

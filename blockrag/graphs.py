@@ -5,9 +5,11 @@ kernels from Python costs more than running them. Here the final-block forward i
 final-length bucket and replayed for any context length up to ``max_context``:
 
 * one static KV buffer per layer holds the final block and room to decode, and the context: gathered and
-  rotated into it by ``kernels`` before the replay, or, for device-resident blocks with the split-KV kernel,
-  read where the blocks are stored (``kernels.table_attention`` rotates the query instead of the keys) and
-  gathered into the buffer only before the first decoding step, after the first token;
+  rotated into it by ``kernels`` before the replay, or (``read_in_place``, device-resident blocks, split-KV
+  kernel) read where the blocks are stored (``kernels.table_attention`` rotates the query instead of the keys)
+  and gathered into the buffer only before the first decoding step, after the first token;
+* RMSNorm and the rotary embedding are captured as one fused kernel each where ``blockrag.fused`` finds,
+  on the warm-up forwards, that they give the model's own numbers;
 * the context length lives in device tensors: attention over the context uses flash attention's
   variable-length entry with ``seqused_k``, the context split into fixed chunks (flash-decoding style);
   chunks past the context are empty and dropped in the log-sum-exp merge;
@@ -127,11 +129,12 @@ class FinalBlockGraphs:
             merge) or "auto" (triton where the head dim is a power of two).
         pipeline_host: overlap host-to-device copies with the replay, group of layers by group (False: copy
             everything, then replay).
-        rotary_half: the model's rotary frequencies (``RopeSpec.inv_freq`` length). Given, with the "triton"
-            attention and tile-friendly widths, attention reads the context through a segment table, and
-            device-resident blocks are read where they are stored (``read_in_place``): no copy before the
-            first token; the buffer is filled for decoding only when a token follows.
-        read_in_place: read device-resident blocks in place (False: gather them into the buffer first).
+        rotary_half: the model's rotary frequencies (``RopeSpec.inv_freq`` length); needed for ``read_in_place``.
+        read_in_place: with the "triton" attention, read the context through a segment table
+            (``kernels.table_attention``), device-resident blocks where they are stored: nothing is copied before
+            the first token, and the buffer is filled for decoding only when a token follows. Off by default:
+            on an H100 at 32K context the table kernel takes ~390 us a layer against ~145 us over the gathered
+            buffer, more than the gather it saves (~3.8 ms for all layers); see benchmarks/NOTES.md.
         max_segments: most blocks a request may have to be read in place (more are gathered).
         fuse: capture RMSNorm and the rotary embedding as one fused kernel each where ``blockrag.fused`` finds,
             on the warm-up forwards, that the fused kernel gives the module's own numbers (``fused.decisions``).
@@ -139,7 +142,7 @@ class FinalBlockGraphs:
 
     def __init__(self, model, max_context: int, chunk: int = 4096, buckets=BUCKETS, decode_room: int = 512,
                  attention: str = "auto", max_splits: int = 16, pipeline_host: bool = True,
-                 rotary_half: int | None = None, read_in_place: bool = True, max_segments: int = 1024,
+                 rotary_half: int | None = None, read_in_place: bool = False, max_segments: int = 1024,
                  fuse: bool = True):
         config = model.config.get_text_config()
         self.model = model
@@ -157,9 +160,9 @@ class FinalBlockGraphs:
         if attention not in ("triton", "flash"):
             raise ValueError(f"expected attention 'auto', 'triton' or 'flash', found {attention!r}")
         self.attention, self.max_splits, self.pipeline_host = attention, max_splits, pipeline_host
-        # the split-KV kernel reads through a segment table where its tiles fit the head and rotary widths
-        self.rotary_half = rotary_half if attention == "triton" and rotary_half is not None and table_supported(
-            dim, rotary_half) else None
+        # reading in place: the split-KV kernel reads through a segment table, where the head and rotary widths fit
+        self.rotary_half = rotary_half if (read_in_place and attention == "triton" and rotary_half is not None
+                                           and table_supported(dim, rotary_half)) else None
         self.read_in_place, self.max_segments = read_in_place, max_segments
         self.fused = FusedOps(model) if fuse else None
         self.keys = torch.empty(layers, 1, heads, capacity, dim, dtype=dtype, device=device)

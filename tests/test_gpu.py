@@ -268,11 +268,12 @@ def test_graph_reads_device_blocks_in_place(tokenizer, arch):
     eager = BlockEngine(model, tokenizer, fast_attention=True)
     in_place = BlockEngine(model, tokenizer, fast_attention=True)
     half = in_place.rope.inv_freq.numel()
-    in_place.graphs = FinalBlockGraphs(model, max_context=1024, chunk=64, max_splits=8, rotary_half=half)
+    in_place.graphs = FinalBlockGraphs(model, max_context=1024, chunk=64, max_splits=8, rotary_half=half,
+                                       read_in_place=True)
     assert in_place.graphs.rotary_half == half  # the segment table is in use
     gathered = BlockEngine(model, tokenizer, fast_attention=True)
-    gathered.graphs = FinalBlockGraphs(model, max_context=1024, chunk=64, max_splits=8, rotary_half=half,
-                                       read_in_place=False)
+    gathered.graphs = FinalBlockGraphs(model, max_context=1024, chunk=64, max_splits=8, rotary_half=half)
+    assert gathered.graphs.rotary_half is None  # the default: gathered into the buffer, no table
     for count in (1, 5, 12):
         blocks = in_place.encode(passages[:count])
         a = in_place.prefill(blocks, question)
