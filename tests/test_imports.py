@@ -4,7 +4,7 @@ Every ``import`` in the package is read with ``ast`` (module level and function 
 import is still an arrow). Modules sit in layers; a module may import modules of its own layer or of a
 lower one, never of a higher one:
 
-    0 leaves   errors, fp8, atomic, hf, aio, kernels          (import no other blockrag module but errors)
+    0 leaves   errors, fp8, atomic, hf, aio, kernels, fused   (import no other blockrag module but errors)
     1 core     rope, masks, template, kv, results, prompt, decode, encoder, assemble, attention, graphs
     2 store    store.*                                         (kv never imports store)
     3 engine   engine, blocks (the block source), testing, every other top-level module, the ``blockrag`` facade
@@ -32,7 +32,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "blockrag"
 
-LEAVES = {"errors", "fp8", "atomic", "hf", "aio", "kernels"}
+LEAVES = {"errors", "fp8", "atomic", "hf", "aio", "kernels", "fused"}
 CORE = {"rope", "masks", "template", "kv", "results", "prompt", "decode", "encoder", "assemble", "attention", "graphs"}
 APPS = ("index", "train", "eval", "tasks", "bench")
 INTEGRATIONS = ("langchain_blockrag", "llama_index")
