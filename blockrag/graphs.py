@@ -28,6 +28,7 @@ buffer (a lock); a concurrent request falls back to the eager path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ class _GraphInputs:
 
     def __init__(self, bucket: int, state: GraphState, device: torch.device) -> None:
         self.table = None if state.table is None else empty_segment_table(
-            state.table.start.numel() - 1, state.table.items.shape[0], state.table.cos.shape[1], device, pin=True)
+            state.table.start.numel(), state.table.items.shape[0], state.table.cos.shape[1], device, pin=True)
         self.ids = torch.zeros(1, bucket, dtype=torch.long, device=device)
         self.positions = torch.arange(bucket, device=device)[None]
         self.last = torch.full((1,), bucket - 1, dtype=torch.long, device=device)
@@ -135,7 +136,8 @@ class FinalBlockGraphs:
             the first token, and the buffer is filled for decoding only when a token follows. Off by default:
             on an H100 at 32K context the table kernel takes ~390 us a layer against ~145 us over the gathered
             buffer, more than the gather it saves (~3.8 ms for all layers); see benchmarks/NOTES.md.
-        max_segments: most blocks a request may have to be read in place (more are gathered).
+        max_segments: most segments (blocks + the final block) a request may have to be read in place (more
+            are gathered).
         fuse: capture RMSNorm and the rotary embedding as one fused kernel each where ``blockrag.fused`` finds,
             on the warm-up forwards, that the fused kernel gives the module's own numbers (``fused.decisions``).
     """
@@ -163,7 +165,7 @@ class FinalBlockGraphs:
         # reading in place: the split-KV kernel reads through a segment table, where the head and rotary widths fit
         self.rotary_half = rotary_half if (read_in_place and attention == "triton" and rotary_half is not None
                                            and table_supported(dim, rotary_half)) else None
-        self.read_in_place, self.max_segments = read_in_place, max_segments
+        self.max_segments = max_segments
         self.fused = FusedOps(model) if fuse else None
         self.keys = torch.empty(layers, 1, heads, capacity, dim, dtype=dtype, device=device)
         self.values = torch.empty_like(self.keys)
@@ -208,35 +210,30 @@ class FinalBlockGraphs:
         context = offsets[-1] + blocks[-1].num_tokens
         deltas = offsets if reencode else [0] * len(blocks)
         on_host = any(b.device.type == "cpu" for b in blocks)
-        in_place = (self.rotary_half is not None and self.read_in_place and not on_host
-                    and len(blocks) < self.max_segments
+        in_place = (self.rotary_half is not None and not on_host and len(blocks) < self.max_segments
                     and all(not b.quantized and b.values.is_contiguous() and b.keys.data_ptr() % 16 == 0
                             and b.values.data_ptr() % 16 == 0 for b in blocks))
         q = len(final_ids)
         layers, _, heads, cap, dim = self.keys.shape
+        segments = ()  # the segment table's, where there is one
         if in_place:  # the blocks where they are, then the final block in the buffer
             segments = [Segment(b.keys, b.values, 0, heads * b.num_tokens * dim, b.num_tokens * dim, b.num_tokens,
                                 delta) for b, delta in zip(blocks, deltas)]
             segments.append(Segment(self.keys, self.values, context * dim, heads * cap * dim, cap * dim, q, 0))
-        else:  # the buffer, context gathered into it
+        elif self.rotary_half is not None:  # the buffer, context gathered into it
             segments = [Segment(self.keys, self.values, 0, heads * cap * dim, cap * dim, context + q, 0)]
         # The request's inputs go up first, from pinned memory: a small copy queued after the context's bulk
         # host-to-device copies would wait for all of them, and the first piece with it.
         captured.inputs.upload(final_ids, context, self.chunk, self.max_splits, segments, rope.inv_freq)
         ready, fill = None, None
-        if in_place:
-            def fill() -> None:  # before the first decoding step: the context into the buffer
-                for plan in gather_plans(blocks, [b.keys for b in blocks], [b.values for b in blocks], offsets,
-                                         deltas, rope, self.keys.device):
-                    gather_rotate(plan, 0, self.keys[:, 0], self.values[:, 0])
+        if in_place:  # before the first decoding step: the context into the buffer
+            fill = functools.partial(self._gather, blocks, offsets, deltas, rope)
         elif on_host and self.pipeline_host and len(captured.graphs) > 1:
             ready = _copy_from_host(blocks, offsets, deltas, rope, self.keys, self.values)  # per-layer hooks
         else:
             if on_host:
                 blocks = [b.to(self.keys.device, non_blocking=True) for b in blocks]
-            for plan in gather_plans(blocks, [b.keys for b in blocks], [b.values for b in blocks], offsets, deltas,
-                                     rope, self.keys.device):
-                gather_rotate(plan, 0, self.keys[:, 0], self.values[:, 0])
+            self._gather(blocks, offsets, deltas, rope)
         for graph, group in zip(captured.graphs, captured.groups):
             if ready is not None:
                 for layer in group:
@@ -245,6 +242,12 @@ class FinalBlockGraphs:
         hooks = [fill] + [None] * (layers - 1)  # layer 0 updates first: it fills every layer
         return captured.logits[0, -1].float(), buffer_cache(self.model.config, self.keys, self.values, context + q,
                                                             before_use=hooks)
+
+    def _gather(self, blocks, offsets, deltas, rope) -> None:
+        """Device-resident blocks into the buffer at their offsets, keys rotated by their deltas."""
+        for plan in gather_plans(blocks, [b.keys for b in blocks], [b.values for b in blocks], offsets, deltas, rope,
+                                 self.keys.device):
+            gather_rotate(plan, 0, self.keys[:, 0], self.values[:, 0])
 
     def _capture(self, bucket: int) -> _Captured:
         device = self.keys.device

@@ -335,14 +335,14 @@ class SegmentTable(NamedTuple):
     Rows 0..count-1 describe segments, in context order.
     """
 
-    k: Tensor  # (S+1,) int64 data pointer of layer 0, head 0, the segment's first token
-    v: Tensor  # (S+1,) int64
-    layer_stride: Tensor  # (S+1,) int64 elements from one layer to the next
-    head_stride: Tensor  # (S+1,) int64 elements from one KV head to the next
-    start: Tensor  # (S+1,) int64 context coordinate of the segment's first token (row S unused)
-    length: Tensor  # (S+1,) int64
-    cos: Tensor  # (S+1, R/2) float32 cos(-delta * inv_freq)
-    sin: Tensor  # (S+1, R/2) float32
+    k: Tensor  # (S,) int64 data pointer of layer 0, head 0, the segment's first token
+    v: Tensor  # (S,) int64
+    layer_stride: Tensor  # (S,) int64 elements from one layer to the next
+    head_stride: Tensor  # (S,) int64 elements from one KV head to the next
+    start: Tensor  # (S,) int64 context coordinate of the segment's first token
+    length: Tensor  # (S,) int64
+    cos: Tensor  # (S, R/2) float32 cos(-delta * inv_freq)
+    sin: Tensor  # (S, R/2) float32
     items: Tensor  # (I, 4) int32 per split: first key, end, first segment, segment after the last
     meta: Tensor  # (4,) int32: n, q_real, segments, splits in use
 
@@ -357,9 +357,9 @@ def empty_segment_table(segments: int, items: int, rotary_half: int, device, pin
     """A table with room for ``segments`` segments and ``items`` splits (on the host with ``pin``: a mirror)."""
     def make(shape, dtype):
         return torch.zeros(shape, dtype=dtype, device=None if pin else device, pin_memory=pin)
-    longs = [make(segments + 1, torch.int64) for _ in range(6)]
-    return SegmentTable(*longs, make((segments + 1, rotary_half), torch.float32),
-                        make((segments + 1, rotary_half), torch.float32), make((items, 4), torch.int32),
+    longs = [make(segments, torch.int64) for _ in range(6)]
+    return SegmentTable(*longs, make((segments, rotary_half), torch.float32),
+                        make((segments, rotary_half), torch.float32), make((items, 4), torch.int32),
                         make(4, torch.int32))
 
 
@@ -384,8 +384,8 @@ def fill_segment_table(table: SegmentTable, segments: Sequence[Segment], q_real:
     Splits cut the keys into equal chunks (at least ``min_chunk`` keys, multiples of ``block_n``).
     """
     count = len(segments)
-    if count + 1 > table.start.numel():
-        raise ValueError(f"expected at most {table.start.numel() - 1} segments, found {count}")
+    if count > table.start.numel():
+        raise ValueError(f"expected at most {table.start.numel()} segments, found {count}")
     starts, total = [], 0
     for seg in segments:
         starts.append(total)
