@@ -10,6 +10,11 @@ Llama-3.1-8B shape, random bf16 weights, the same passages and question as ``ben
             launch shape in a grid (row tile, key tile, warps, stages, splits), each captured in a CUDA graph,
             at the context lengths asked for; each output is checked against the default shape's.
   encode    encoding throughput (tokens/s) at several token budgets per batch.
+  stages    the host's and the GPU's timeline of one request, stage by stage: for each step of the request path
+            (prompt, block lookup, graph inputs, gather, each graph piece, result), when the host entered and
+            left it and when the GPU reached those points (CUDA events recorded at the same calls), median over
+            runs; and the functions where the host spends its time (cProfile, own time). Where the GPU reaches
+            a point right after the host does, the GPU was waiting for the host.
 
 Prints tables and ends with one JSON line (also written to ``--out``).
 """
@@ -22,8 +27,10 @@ import dataclasses
 import functools
 import itertools
 import json
+import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -83,6 +90,139 @@ def _union(spans) -> float:
         total += b - max(a, end)
         end = b
     return total
+
+
+def _patch(targets, marks: list) -> list:
+    """Wrap each (owner, attribute, label): a host time and a CUDA event on entry and exit go to ``marks``.
+    Returns the undo list."""
+    undo = []
+    for owner, attr, label in targets:
+        original = getattr(owner, attr)
+
+        def timed(*args, _original=original, _label=label, **kwargs):
+            for side in ("enter", "exit"):
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                marks.append((f"{_label} {side}", time.perf_counter(), event))
+                if side == "enter":
+                    try:
+                        result = _original(*args, **kwargs)
+                    except BaseException:
+                        marks.pop()
+                        raise
+            return result
+
+        undo.append((owner, attr, original, attr in vars(owner)))
+        setattr(owner, attr, timed)
+    return undo
+
+
+def _unpatch(undo) -> None:
+    for owner, attr, original, own in reversed(undo):
+        if own:
+            setattr(owner, attr, original)
+        else:
+            delattr(owner, attr)
+
+
+def stages(fn, targets, runs: int = 7, profiled: int = 10) -> dict:
+    """Timeline of ``fn`` (one request): per stage mark, host ms and GPU ms since the request began (median over
+    runs), the host's return and the GPU's end; then cProfile's top functions by own time over ``profiled`` calls."""
+    import cProfile
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    marks: list = []
+    undo = _patch(targets, marks)
+    timelines = []
+    try:
+        for _ in range(runs):
+            marks.clear()
+            torch.cuda.synchronize()
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            start = time.perf_counter()
+            fn()
+            returned = time.perf_counter()
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            torch.cuda.synchronize()
+            seen = collections.Counter()
+            timeline = []
+            for name, host, event in marks:
+                seen[name] += 1
+                timeline.append((f"{name} #{seen[name]}" if seen[name] > 1 else name, 1e3 * (host - start),
+                                 begin.elapsed_time(event)))
+            timeline.append(("request returned", 1e3 * (returned - start), begin.elapsed_time(end)))
+            timelines.append(timeline)
+    finally:
+        _unpatch(undo)
+    rows = []
+    for i, (name, _, _) in enumerate(timelines[0]):
+        same = [t[i] for t in timelines if len(t) == len(timelines[0]) and t[i][0] == name]
+        rows.append({"mark": name, "host_ms": statistics.median(h for _, h, _ in same),
+                     "gpu_ms": statistics.median(g for _, _, g in same)})
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(profiled):
+        fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:25]  # (file, line, name) -> (cc, nc, tt, ct, ...)
+    own = [{"function": f"{Path(path).name}:{line} {name}", "calls": nc / profiled, "own_ms": 1e3 * tt / profiled,
+            "cumulative_ms": 1e3 * ct / profiled} for (path, line, name), (_, nc, tt, ct, _) in top]
+    return {"timeline": rows, "host_own_time": own}
+
+
+def request_targets(engine) -> list:
+    """The steps of a block-mode request through ``BlockEngine.prefill`` that ``stages`` marks."""
+    import blockrag.engine as engine_module
+    import blockrag.graphs as graphs_module
+
+    targets = [(engine.prompts, "build", "prompt"), (engine.blocks, "for_prompt", "blocks for prompt"),
+               (engine_module, "sync", "sync"), (engine_module, "PrefillResult", "result"),
+               (graphs_module, "buffer_cache", "decode cache")]
+    if engine.graphs is not None:
+        targets += [(engine.graphs, "try_prefill", "graph prefill"), (graphs_module._GraphInputs, "upload", "inputs"),
+                    (engine.graphs, "_gather", "gather"), (graphs_module, "_copy_from_host", "host copies issued"),
+                    (torch.cuda.CUDAGraph, "replay", "piece")]
+    return targets
+
+
+def encode_targets(engine) -> list:
+    """The steps of ``BlockEngine.encode`` that ``stages`` marks."""
+    import blockrag.encoder as encoder_module
+
+    return [(type(engine.template), "tokenize", "tokenize"), (engine.blocks.encoder, "_forward", "batch forward"),
+            (encoder_module, "forward", "model forward"), (engine.blocks.store, "put", "store put")]
+
+
+def print_stages(name: str, result: dict) -> None:
+    print(f"\n{name}: host and GPU time since the request began (ms, median)")
+    print("| mark | host | GPU |")
+    print("|---|---|---|")
+    for row in result["timeline"]:
+        print(f"| {row['mark']} | {row['host_ms']:.3f} | {row['gpu_ms']:.3f} |")
+    print(f"{name}: host own time per call (cProfile)")
+    for row in result["host_own_time"][:15]:
+        print(f"  {row['own_ms']:8.3f} ms own {row['cumulative_ms']:8.3f} cum {row['calls']:7.1f} calls  "
+              f"{row['function']}")
+
+
+def kernel_facts(kernel) -> list[dict]:
+    """Per compiled variant of a Triton kernel: its constexprs, registers, spills, and in its PTX the
+    asynchronous copies (software pipelining) and 16-byte global loads (vectorised reads)."""
+    facts = []
+    for caches in getattr(kernel, "device_caches", {}).values():
+        for compiled in caches[0].values():
+            ptx = compiled.asm.get("ptx", "")
+            facts.append({"constants": str(getattr(compiled, "src", None) and compiled.src.constants)[:300],
+                          "registers": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None),
+                          "cp_async": ptx.count("cp.async."), "ld_global_v4": ptx.count("ld.global.v4"),
+                          "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync")})
+    return facts
 
 
 def sweep(contexts, q_real: int, bucket: int, block: int = 512) -> list[dict]:
@@ -159,6 +299,13 @@ def main() -> int:
         print(f"| {r['context']} | {r['kind']} | {r['splits']} | {r['block_m']} | {r['block_n']} | {r['warps']} | "
               f"{r['stages']} | {r['us']:.1f} | {r['max_abs_diff']:.4f} |")
     print("errors:", sum("error" in r for r in sweep_rows))
+    from blockrag.kernels import _split_kv_kernel
+
+    try:
+        result["split_kv_compiled"] = kernel_facts(_split_kv_kernel)
+    except Exception as e:  # the compiled kernel's attributes differ between Triton versions
+        result["split_kv_compiled"] = repr(e)[:300]
+    print("split-KV kernel variants:", json.dumps(result["split_kv_compiled"], indent=1))
     tokenizer = build_tokenizer(vocab_size=4096)
     model = build_model(llama8b_config(128256), torch.bfloat16, device)
     engine = BlockEngine(model, tokenizer, template=TEMPLATE, cuda_graphs=args.total)
@@ -181,6 +328,17 @@ def main() -> int:
     result["prefill_graph"] = profile(lambda: engine.prefill(blocks, question))
     host = [dataclasses.replace(b, keys=b.keys.cpu().pin_memory(), values=b.values.cpu().pin_memory()) for b in blocks]
     result["prefill_graph_host"] = profile(lambda: engine.prefill(host, question), runs=2)
+    fresh = iter([passage_texts(tokenizer, 16, 512, seed=200 + i) for i in range(16)])
+    for name, call, targets, runs in (
+            ("stages_graph", lambda: engine.prefill(blocks, question), request_targets(engine), 7),
+            ("stages_graph_host", lambda: engine.prefill(host, question), request_targets(engine), 3),
+            ("stages_encode", lambda: engine.encode(next(fresh)), encode_targets(engine), 3)):
+        try:
+            result[name] = stages(call, targets, runs=runs, profiled=min(runs, 10))
+            print_stages(name, result[name])
+        except Exception as e:  # a profiling failure must not lose the rest of the run
+            traceback.print_exc()
+            result[name] = repr(e)[:300]
     batches = iter([passage_texts(tokenizer, 16, 512, seed=100 + i) for i in range(4)])
     result["encode_batch"] = profile(lambda: engine.encode(next(batches)), runs=2)
     for name in ("prefill_graph", "prefill_graph_host", "encode_batch"):
