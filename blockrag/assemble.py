@@ -70,7 +70,7 @@ def gather_plans(blocks: Sequence[KVBlock], keys: Sequence[Tensor], values: Sequ
         keys, values: per block, the device tensors to read: (L, H, T, D) each.
         per_layer: one pointer row per layer (sources addressed layer by layer) instead of one row.
     """
-    from blockrag.kernels import GatherPlan, block_table, pointers
+    from blockrag.kernels import GatherPlan, block_table, layer_pointers, pointers
 
     plans = []
     for fp8 in (False, True):
@@ -79,9 +79,12 @@ def gather_plans(blocks: Sequence[KVBlock], keys: Sequence[Tensor], values: Sequ
             continue
         table = block_table([blocks[i].num_tokens for i in chosen], [offsets[i] for i in chosen],
                             [deltas[i] for i in chosen], rope.inv_freq, device)
-        rows = range(keys[chosen[0]].shape[0]) if per_layer else [None]
-        k_ptrs = pointers([[keys[i] if r is None else keys[i][r] for i in chosen] for r in rows], device)
-        v_ptrs = pointers([[values[i] if r is None else values[i][r] for i in chosen] for r in rows], device)
+        if per_layer:
+            k_ptrs = layer_pointers([keys[i] for i in chosen], device)
+            v_ptrs = layer_pointers([values[i] for i in chosen], device)
+        else:
+            k_ptrs = pointers([[keys[i] for i in chosen]], device)
+            v_ptrs = pointers([[values[i] for i in chosen]], device)
         scales, keep = None, ()
         if fp8:
             keep = tuple((blocks[i].key_scale.to(device), blocks[i].value_scale.to(device)) for i in chosen)

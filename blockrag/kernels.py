@@ -96,6 +96,18 @@ def pointers(tensors: Sequence[Sequence[Tensor]], device) -> Tensor:
     return _upload([[t.data_ptr() for t in row] for row in tensors], torch.int64, device)
 
 
+def layer_pointers(tensors: Sequence[Tensor], device) -> Tensor:
+    """(L, nb) int64 table: row l holds ``tensors[b][l].data_ptr()`` for each tensor b (all of L layers).
+
+    Computed from each tensor's address and first stride, without making L x nb views (~1 us each: 4,000 of
+    them for 32 layers of 63 blocks, keys and values, cost milliseconds per request).
+    """
+    layers = tensors[0].shape[0]
+    step = [t.stride(0) * t.element_size() for t in tensors]
+    return _upload([[t.data_ptr() + layer * s for t, s in zip(tensors, step)] for layer in range(layers)],
+                   torch.int64, device)
+
+
 class GatherPlan(NamedTuple):
     """Everything one gather launch reads, on the device. ``keep`` holds tensors the pointers address."""
 

@@ -157,3 +157,19 @@ def test_table_attention_reads_segments_in_place_and_rotates_the_query():
         assert r["rel"] < tol, r
         if r["reencode"]:
             assert r["unrotated_rel"] > 10 * tol, r  # negative control: keys left at their stored positions
+
+
+def test_layer_pointers_address_each_layer_like_an_index():
+    import torch
+
+    from blockrag.kernels import layer_pointers, pointers
+
+    tensors = [torch.zeros(4, 2, 5, 8, dtype=torch.bfloat16),
+               torch.zeros(4, 3, 6, 16)[:, 1:],  # a slice: offset storage
+               torch.zeros(2, 4, 5, 8, dtype=torch.float16).transpose(0, 1)]  # layers not outermost in memory
+    got = layer_pointers(tensors, "cpu")
+    want = pointers([[t[layer] for t in tensors] for layer in range(4)], "cpu")
+    assert got.shape == (4, 3) and got.dtype == torch.int64
+    assert torch.equal(got, want)
+    whole = pointers([tensors] * 4, "cpu")  # negative control: every row at layer 0
+    assert torch.equal(got[0], whole[0]) and not torch.equal(got[1:], whole[1:])
