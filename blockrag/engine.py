@@ -248,11 +248,10 @@ class BlockEngine:
         recompute = self._recompute_spec(recompute, mode, reencode)
         start = time.perf_counter()
         prompt = passages if isinstance(passages, Prompt) else self.prompts.build(passages, question, instruction)
-        input_ids = prompt.input_ids
         device = self.device
         blocks, found = self.blocks.for_prompt(prompt) if mode == "block" else ([], [])
         # 1. the context: cached blocks rotated into one cache (block mode), or nothing (full mode)
-        feed, cache, next_pos, release = (prompt.final_ids if mode == "block" else input_ids), None, 0, _nothing
+        feed, cache, next_pos, release = (prompt.final_ids if mode == "block" else prompt.input_ids), None, 0, _nothing
         attention_kwargs = {}
         graphed = self.graphs.try_prefill(blocks, feed, self.rope, reencode, device, self._attention) if (
             self.graphs is not None and recompute is None) else None
@@ -288,21 +287,23 @@ class BlockEngine:
                                             logits_to_keep=1)
             logits = logits[0, -1].float()
         try:
-            sync(device)
-            usage = Usage(cached_tokens=sum(b.num_tokens for b, hit in zip(blocks, found) if hit),
-                          encoded_tokens=sum(b.num_tokens for b, hit in zip(blocks, found) if not hit),
-                          prefilled_tokens=len(feed) + recomputed, ttft_s=time.perf_counter() - start,
-                          recomputed_tokens=recomputed)
+            # NOTE: the result's host-side parts are built while the GPU still works (tens of thousands of ids at
+            # long contexts); only the logits wait for it.
+            input_ids = tuple(prompt.input_ids)
             if mode == "block" and not reencode:
                 position_ids = tuple(chain.from_iterable(range(len(block.ids)) for block in prompt.context))
                 position_ids += tuple(range(next_pos, next_pos + len(feed)))
             else:
                 position_ids = tuple(range(next_pos + len(feed)))
+            infos = tuple(BlockInfo(b.key, b.token_ids, hit) for b, hit in zip(blocks, found))
+            sync(device)
+            usage = Usage(cached_tokens=sum(b.num_tokens for b, hit in zip(blocks, found) if hit),
+                          encoded_tokens=sum(b.num_tokens for b, hit in zip(blocks, found) if not hit),
+                          prefilled_tokens=len(feed) + recomputed, ttft_s=time.perf_counter() - start,
+                          recomputed_tokens=recomputed)
             result = PrefillResult(
-                mode=mode, logits=logits.cpu(), input_ids=tuple(input_ids), final_ids=tuple(prompt.final_ids),
-                position_ids=position_ids,
-                blocks=tuple(BlockInfo(b.key, b.token_ids, hit) for b, hit in zip(blocks, found)), usage=usage,
-                warnings=tuple(prompt.warnings),
+                mode=mode, logits=logits.cpu(), input_ids=input_ids, final_ids=tuple(prompt.final_ids),
+                position_ids=position_ids, blocks=infos, usage=usage, warnings=tuple(prompt.warnings),
             )
         except BaseException:
             release()  # the graph buffer must not stay locked when the prefill fails after the replay
