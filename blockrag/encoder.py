@@ -3,10 +3,15 @@
 Each block is encoded alone at positions 0..T-1. Blocks are right-padded inside a batch: under a causal
 mask a real token never attends to padding that comes after it, and the attention mask keeps padding out
 as well, so padding never reaches any block's KV. Padded rows are sliced off before a KVBlock is made.
+
+On CUDA with 16-bit weights, RMSNorm and the rotary embedding run as ``blockrag.fused`` kernels where the
+first batch shows they give the model's own numbers, and a batch's inputs go up without waiting for the GPU,
+so the host prepares the next batch while the current one runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -42,10 +47,17 @@ class BlockEncoder:
     The encoder knows nothing about templates or stores: ids in, KVBlocks out, in input order.
     """
 
-    def __init__(self, model: nn.Module, fingerprint: str, token_budget: int = 8192) -> None:
+    def __init__(self, model: nn.Module, fingerprint: str, token_budget: int = 8192, fuse: bool | None = None
+                 ) -> None:
+        """Args:
+        fuse: run RMSNorm and the rotary embedding as verified fused kernels (``blockrag.fused``); None: on CUDA
+            with 16-bit weights.
+        """
         self.model = model
         self.fingerprint = fingerprint
         self.token_budget = token_budget
+        self._fuse = fuse
+        self._verified = False  # the fused kernels were checked against the model's own on a real batch
 
     @property
     def device(self) -> torch.device:
@@ -74,16 +86,40 @@ class BlockEncoder:
                                  fingerprint=self.fingerprint, key=keys[i], text=texts[i])
         return out  # type: ignore[return-value]
 
+    def _fused(self):
+        """The context the forward runs in: the model's shared FusedOps (verifying on its first batch), or none."""
+        device, dtype = self.device, next(self.model.parameters()).dtype
+        fuse = self._fuse if self._fuse is not None else (
+            device.type == "cuda" and dtype in (torch.float16, torch.bfloat16))
+        if not fuse:
+            return contextlib.nullcontext()
+        from blockrag.fused import FusedOps
+
+        fused = FusedOps.of(self.model)
+        if self._verified:
+            return fused
+        self._verified = True
+        stack = contextlib.ExitStack()
+        stack.enter_context(fused)
+        stack.enter_context(fused.verify())
+        return stack
+
     def _forward(self, blocks: Sequence[Sequence[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         lengths = [len(b) for b in blocks]
         longest = max(lengths)
-        ids = torch.zeros(len(blocks), longest, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(blocks), longest, dtype=torch.long, device=self.device)
+        ids = torch.zeros(len(blocks), longest, dtype=torch.long)
+        mask = torch.zeros(len(blocks), longest, dtype=torch.long)
         for row, block in enumerate(blocks):
             ids[row, : len(block)] = torch.as_tensor(list(block), dtype=torch.long)
             mask[row, : len(block)] = 1
+        # NOTE: built on the host and sent without blocking: a row-by-row copy into a device tensor waits for
+        # the GPU each time (the previous batch). Without padding no mask is passed: transformers would read a
+        # mask back from the GPU to find it all ones.
+        ids = ids.to(self.device, non_blocking=True)
+        mask = mask.to(self.device, non_blocking=True) if min(lengths) < longest else None
         positions = torch.arange(longest, device=self.device).expand(len(blocks), -1)
-        _, cache = forward(self.model, ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        with self._fused():
+            _, cache = forward(self.model, ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
         layer_keys, layer_values = stacked_kv(cache)
         keys = torch.stack(layer_keys, dim=1)  # (B, L, H, T, D)
         values = torch.stack(layer_values, dim=1)

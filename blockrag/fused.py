@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from types import ModuleType
 
@@ -189,10 +191,25 @@ class FusedOps:
     arguments, shapes that do not fit) always run the original. Decisions outlive the context: entering again
     reuses them.
 
+    Entering is counted: the model is patched on the first entry and restored on the last exit, so one
+    instance may be active in several threads at once (``FusedOps.of(model)`` gives the model's shared one).
+
     NOTE: the rotary function is patched in the modeling module (the attention forward looks it up there at
     call time), so while active it applies to every model of that architecture in the process; nest several
-    FusedOps only in LIFO order.
+    instances only in LIFO order (share one per model instead).
     """
+
+    _shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def of(cls, model: nn.Module) -> FusedOps:
+        """The model's shared instance (CUDA tensors only), made on first use; its decisions serve every user."""
+        with cls._shared_lock:
+            fused = cls._shared.get(model)
+            if fused is None:
+                fused = cls._shared[model] = cls(model)
+            return fused
 
     def __init__(self, model: nn.Module, allow_cpu: bool = False):
         """Args:
@@ -203,7 +220,8 @@ class FusedOps:
         self.allow_cpu = allow_cpu
         self._decisions: dict[str, bool] = {}
         self._verifying = False
-        self._entered = False
+        self._entered = 0  # active entries; patched while > 0
+        self._lock = threading.Lock()
         self._norms: dict[nn.Module, Callable] = {}  # patched module -> its instance-level forward
         self._rotary: dict[ModuleType, Callable] = {}  # modeling module -> its original apply_rotary_pos_emb
 
@@ -227,9 +245,19 @@ class FusedOps:
             self._verifying = False
 
     def __enter__(self) -> FusedOps:
-        if self._entered:
-            raise RuntimeError("this FusedOps is already active; enter it once at a time")
-        self._entered = True
+        with self._lock:
+            self._entered += 1
+            if self._entered == 1:
+                self._patch()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._entered -= 1
+            if self._entered == 0:
+                self._restore()
+
+    def _patch(self) -> None:
         for module in self.model.modules():
             # NOTE: a module that already has an instance-level forward (an accelerate hook moving weights,
             # say) keeps it: the fused forward would skip what that wrapper does.
@@ -241,16 +269,14 @@ class FusedOps:
             if callable(original):
                 self._rotary[namespace] = original
                 namespace.apply_rotary_pos_emb = self._rotary_function(f"{name}.apply_rotary_pos_emb", original)
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def _restore(self) -> None:
         for module, forward in self._norms.items():
             if vars(module).get("forward") is forward:
                 del module.forward
         for namespace, original in self._rotary.items():
             namespace.apply_rotary_pos_emb = original
         self._norms, self._rotary = {}, {}
-        self._entered = False
 
     def _fusable(self, *tensors: Tensor) -> bool:
         first = tensors[0]

@@ -166,7 +166,7 @@ class FinalBlockGraphs:
         self.rotary_half = rotary_half if (read_in_place and attention == "triton" and rotary_half is not None
                                            and table_supported(dim, rotary_half)) else None
         self.max_segments = max_segments
-        self.fused = FusedOps(model) if fuse else None
+        self.fused = FusedOps.of(model) if fuse else None
         self.keys = torch.empty(layers, 1, heads, capacity, dim, dtype=dtype, device=device)
         self.values = torch.empty_like(self.keys)
         self.lock = threading.Lock()

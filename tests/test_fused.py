@@ -228,6 +228,49 @@ SCRIPT = PRELUDE + textwrap.dedent('''
             after = norm(x)
     report["flaky"] = {"steps": steps, "calls": dict(calls), "after_bitwise": torch.equal(after, reference),
                        "verify_outside": outside}
+
+    # --- entries are counted: patched from the first entry to the last exit ------------------------------
+    model = models["llama", "float32"]
+    modeling = sys.modules[type(model).__module__]
+    plain_rotary = modeling.apply_rotary_pos_emb
+    shared = fused.FusedOps.of(model)
+    ops = fused.FusedOps(model, allow_cpu=True)
+    with ops:
+        with ops:
+            nested_inner = bool(patched_forwards(model))
+        nested_after_inner = bool(patched_forwards(model)) and modeling.apply_rotary_pos_emb is not plain_rotary
+    report["nesting"] = {"inner": nested_inner, "after_inner_exit": nested_after_inner,
+                         "after_outer_exit": patched_forwards(model) + [modeling.apply_rotary_pos_emb is plain_rotary],
+                         "shared_is_one": shared is fused.FusedOps.of(model) and shared is not ops}
+
+    # --- the block encoder runs verified fused kernels (here on the CPU, through the interpreter) -------------
+    from blockrag.encoder import BlockEncoder
+
+    encoded = {}
+    for arch in ("llama", "qwen3", "gemma"):
+        model = models[arch, "float32"]
+        fused.FusedOps._shared[model] = fused.FusedOps(model, allow_cpu=True)  # what of() gives on CUDA
+        blocks = [tokenizer(t).input_ids for t in ("Keys rotate.", "Blocks are encoded alone, then reused.")]
+        plain_blocks = BlockEncoder(model, "fp", fuse=False).encode(blocks, ["a", "b"])
+        encoder = BlockEncoder(model, "fp", fuse=True)
+        first = encoder.encode(blocks, ["a", "b"])  # verified: the model's own numbers
+        calls.update(rms_norm=0, rotate_qk=0)
+        second = encoder.encode(blocks, ["a", "b"])
+        errs = [err(got.keys, want.keys) for got, want in zip(second, plain_blocks)]
+        errs += [err(got.values, want.values) for got, want in zip(second, plain_blocks)]
+        encoded[arch] = {
+            "decisions": fused.FusedOps.of(model).decisions, "calls": dict(calls), "err": max(errs),
+            "first_bitwise": all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+                                 for a, b in zip(first, plain_blocks)),
+            "lengths": [b.num_tokens for b in second], "left_after": patched_forwards(model),
+        }
+        # negative control: the same blocks encoded with a wrong rotary sign are far off
+        wrong = fused.rotate_qk
+        fused.rotate_qk = lambda q, k, cos, sin: wrong(q, k, cos, -sin)
+        bad = encoder.encode(blocks, ["a", "b"])
+        fused.rotate_qk = wrong
+        encoded[arch]["wrong_sign_err"] = max(err(got.keys, want.keys) for got, want in zip(bad, plain_blocks))
+    report["encoder"] = encoded
     print(json.dumps(report))
 ''')
 
@@ -338,3 +381,24 @@ def test_a_mismatch_is_final_and_verify_returns_the_original(report):
     assert all(s["original"] for s in flaky["steps"]), flaky
     assert flaky["calls"]["rms_norm"] == 0 and flaky["after_bitwise"], flaky
     assert "enter the FusedOps first" in flaky["verify_outside"], flaky
+
+
+def test_entries_are_counted_and_the_shared_instance_is_one_per_model(report):
+    nesting = report["nesting"]
+    assert nesting["inner"] and nesting["after_inner_exit"], nesting
+    assert nesting["after_outer_exit"] == [True], nesting  # nothing left patched, the rotary restored
+    assert nesting["shared_is_one"], nesting
+
+
+def test_block_encoder_runs_verified_fused_kernels(report):
+    """The encoder's first batch verifies (and returns the model's own numbers); later batches run the fused
+    kernels within float32 rounding of the unfused encoder; Gemma's norm stays its own; nothing stays patched.
+    A wrong rotary sign in the fused kernel is far off (negative control)."""
+    for arch, run in report["encoder"].items():
+        assert run["first_bitwise"], (arch, run)
+        assert run["calls"]["rotate_qk"] > 0, (arch, run)
+        assert (run["calls"]["rms_norm"] > 0) == (arch != "gemma"), (arch, run)
+        assert run["err"] < 1e-5, (arch, run)
+        assert run["wrong_sign_err"] > 1e-2, (arch, run)
+        assert run["left_after"] == [], (arch, run)
+        assert all(run["decisions"].values()) == (arch != "gemma"), (arch, run)
