@@ -243,8 +243,8 @@ def sweep(contexts, q_real: int, bucket: int, block: int = 512) -> list[dict]:
 
     device = torch.device("cuda")
     rows = []
-    shapes = [SplitConfig(128, 64, 8, 3), SplitConfig(128, 128, 8, 3), SplitConfig(64, 64, 4, 3),
-              SplitConfig(64, 128, 4, 3)]
+    shapes = [SplitConfig(128, 64, 8, 3), SplitConfig(128, 128, 8, 3), SplitConfig(64, 64, 8, 3),
+              SplitConfig(64, 64, 4, 3), SplitConfig(64, 128, 8, 3)]
     for context in contexts:
         q = torch.randn(1, bucket, 32, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
         cap = context + bucket + 64
@@ -260,12 +260,12 @@ def sweep(contexts, q_real: int, bucket: int, block: int = 512) -> list[dict]:
         for splits in (16, 32):
             meta = torch.tensor(split_meta(context, q_real, splits), dtype=torch.int32, device=device)
             table = empty_segment_table(len(segments), splits, 64, device)
-            fill_segment_table(table, segments, q_real, torch.zeros(64), splits)
+            fill_segment_table(table, segments, q_real, torch.zeros(64), splits, k)
             for shape, kind in itertools.product(shapes, ("buffer", "table")):
                 if kind == "buffer":
                     call = functools.partial(final_block_attention, q, k, v, 128 ** -0.5, meta, splits, shape)
                 else:
-                    call = functools.partial(table_attention, q, table, 0, 128 ** -0.5, 8, shape)
+                    call = functools.partial(table_attention, q, table, 0, 128 ** -0.5, 8, k, shape)
                 row = {"context": context, "kind": kind, "splits": splits, **shape._asdict()}
                 try:
                     out = call()

@@ -237,6 +237,7 @@ class GraphState:
     meta: Tensor | None = None  # (4,) int32 ``kernels.split_meta``: set for the split-KV Triton kernel
     max_splits: int = 0
     table: object = None  # ``kernels.SegmentTable``: the split-KV kernel reads the keys where the table says
+    anchor: Tensor | None = None  # with a table: the tensor its segments are addressed from
 
 
 def graph_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, state: GraphState,
@@ -254,7 +255,7 @@ def graph_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, sta
     if state.table is not None:
         from blockrag.kernels import table_attention
 
-        return table_attention(query, state.table, layer, scale, key.shape[1]).transpose(1, 2)
+        return table_attention(query, state.table, layer, scale, key.shape[1], state.anchor).transpose(1, 2)
     if state.meta is not None:  # one split-KV kernel + one merge, context and final block together
         from blockrag.kernels import final_block_attention as split_kv_attention
 

@@ -99,7 +99,7 @@ class _GraphInputs:
         self.state.seqused.copy_(self._used, non_blocking=True)
         self.state.valid.copy_(self._valid, non_blocking=True)
         if self.table is not None:
-            fill_segment_table(self.table, segments, q, inv_freq, max_splits)
+            fill_segment_table(self.table, segments, q, inv_freq, max_splits, self.state.anchor)
             for mirror, target in zip(self.table, self.state.table):
                 target.copy_(mirror, non_blocking=True)
         elif self.state.meta is not None:
@@ -263,8 +263,10 @@ class FinalBlockGraphs:
         if self.rotary_half is not None:  # until the first request: the buffer, as if it held the final block
             state.table = empty_segment_table(self.max_segments, self.max_splits, self.rotary_half, device)
             _, _, heads, cap, dim = self.keys.shape
+            state.anchor = self.keys  # segments are addressed from the buffer (a fixed address, as a graph needs)
             fill_segment_table(state.table, [Segment(self.keys, self.values, 0, heads * cap * dim, cap * dim, bucket,
-                                                     0)], bucket, torch.zeros(self.rotary_half), self.max_splits)
+                                                     0)], bucket, torch.zeros(self.rotary_half), self.max_splits,
+                               state.anchor)
             state.meta, state.max_splits = state.table.meta, self.max_splits
         elif self.attention == "triton":
             state.meta = torch.tensor(split_meta(0, bucket, self.max_splits), dtype=torch.int32, device=device)

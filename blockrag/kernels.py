@@ -211,7 +211,7 @@ def _split_kv_kernel(
     stride_qh, stride_qt, stride_qd, stride_kh, stride_kt, stride_vh, stride_vt,
     rows_total, kv_heads, qk_scale,
     G: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, TABLE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -250,12 +250,13 @@ def _split_kv_kernel(
             x = tl.load(q_rows + d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
             y = tl.load(q_rows + partner[None, :] * stride_qd, mask=row_ok[:, None], other=0.0).to(tl.float32)
             q = (x * c[None, :] + y * s[None, :]).to(q_ptr.dtype.element_ty)
-            # NOTE: alignment hints (checked by fill_segment_table): addresses read from a table carry none, and
-            # without them every key and value load is split into 2-byte accesses.
-            offset = tl.multiple_of(layer * tl.load(seg_layer_stride + seg) + h * tl.load(seg_head_stride + seg)
-                                    - start * D, 16)
-            k_base = tl.multiple_of(tl.load(seg_k + seg), 16).to(tl.pointer_type(q_ptr.dtype.element_ty)) + offset
-            v_base = tl.multiple_of(tl.load(seg_v + seg), 16).to(tl.pointer_type(q_ptr.dtype.element_ty)) + offset
+            # NOTE: segments are addressed as element offsets from the anchor (k_ptr, a kernel argument), with
+            # alignment hints (checked by fill_segment_table): a pointer made from an integer read from the table
+            # keeps Triton from pipelining the key and value loads (no asynchronous copies), and without the
+            # hints every load is split into 2-byte accesses.
+            offset = layer * tl.load(seg_layer_stride + seg) + h * tl.load(seg_head_stride + seg) - start * D
+            k_base = k_ptr + tl.multiple_of(tl.load(seg_k + seg) + offset, ALIGN)
+            v_base = v_ptr + tl.multiple_of(tl.load(seg_v + seg) + offset, ALIGN)
             # Whole tiles of context keys need no mask; the rest (segment remainder, final block) is masked.
             full_end = a + tl.maximum(tl.minimum(b, n) - a, 0) // BLOCK_N * BLOCK_N
             acc, m_i, l_i = _split_kv_tiles(acc, m_i, l_i, q, k_base, v_base, D, D, a, full_end, b, limit, qk_scale,
@@ -325,6 +326,9 @@ class SplitConfig(NamedTuple):
 
 
 SPLIT_CONFIG = SplitConfig()
+# NOTE: the table kernel carries its running output across segments, around the rotation of the query: with
+# 128-row tiles it spills registers (sm90: 255 registers, 360 bytes of stack); 64-row tiles with 8 warps do not.
+TABLE_CONFIG = SplitConfig(block_m=64)
 
 
 def split_meta(context: int, q_real: int, max_splits: int, min_chunk: int = 256, block_n: int = 128) -> list[int]:
@@ -347,8 +351,8 @@ class SegmentTable(NamedTuple):
     Rows 0..count-1 describe segments, in context order.
     """
 
-    k: Tensor  # (S,) int64 data pointer of layer 0, head 0, the segment's first token
-    v: Tensor  # (S,) int64
+    k: Tensor  # (S,) int64 elements from the anchor's first element to layer 0, head 0, the segment's first token
+    v: Tensor  # (S,) int64 (from the same anchor)
     layer_stride: Tensor  # (S,) int64 elements from one layer to the next
     head_stride: Tensor  # (S,) int64 elements from one KV head to the next
     start: Tensor  # (S,) int64 context coordinate of the segment's first token
@@ -389,10 +393,12 @@ class Segment(NamedTuple):
 
 
 def fill_segment_table(table: SegmentTable, segments: Sequence[Segment], q_real: int, inv_freq: Tensor,
-                       max_splits: int, min_chunk: int = 256, block_n: int = 128) -> None:
+                       max_splits: int, anchor: Tensor, min_chunk: int = 256, block_n: int = 128) -> None:
     """Write one request into ``table`` (device or pinned host tensors) for ``table_attention``.
 
     The last segment must be the final block (q_real keys, delta 0); the context is every segment before it.
+    Segments are addressed relative to ``anchor``, a tensor of their dtype that ``table_attention`` is given too
+    (for a CUDA graph: one that lives at a fixed address, like the graph's own buffer).
     Splits cut the keys into equal chunks (at least ``min_chunk`` keys, multiples of ``block_n``).
     """
     count = len(segments)
@@ -403,15 +409,17 @@ def fill_segment_table(table: SegmentTable, segments: Sequence[Segment], q_real:
         starts.append(total)
         total += seg.length
     n = total - q_real
-    size = segments[0].keys.element_size()
+    size = anchor.element_size()
+    if any(t.dtype != anchor.dtype for seg in segments for t in (seg.keys, seg.values)):
+        raise ValueError(f"expected segments of the anchor's dtype {anchor.dtype}")
     keys = [seg.keys.data_ptr() + seg.offset * size for seg in segments]
     values = [seg.values.data_ptr() + seg.offset * size for seg in segments]
     strides = [x for seg in segments for x in (seg.layer_stride, seg.head_stride, seg.keys.shape[-1])]
-    if any(a % 16 for a in keys + values) or any(x % 16 for x in strides):
-        raise ValueError("expected segment addresses on 16-byte boundaries and strides of 16 elements (the kernel "
-                         "assumes both)")
-    table.k[:count] = torch.tensor(keys)
-    table.v[:count] = torch.tensor(values)
+    if any(a % 16 for a in [*keys, *values, anchor.data_ptr()]) or any(x % 16 for x in strides):
+        raise ValueError("expected segment and anchor addresses on 16-byte boundaries and strides of 16 elements "
+                         "(the kernel assumes both)")
+    table.k[:count] = torch.tensor([(a - anchor.data_ptr()) // size for a in keys])
+    table.v[:count] = torch.tensor([(a - anchor.data_ptr()) // size for a in values])
     table.layer_stride[:count] = torch.tensor([seg.layer_stride for seg in segments])
     table.head_stride[:count] = torch.tensor([seg.head_stride for seg in segments])
     table.start[:count] = torch.tensor(starts)
@@ -428,8 +436,8 @@ def fill_segment_table(table: SegmentTable, segments: Sequence[Segment], q_real:
     table.meta.copy_(torch.tensor([n, q_real, count, len(items)], dtype=torch.int32))
 
 
-def table_attention(query: Tensor, table: SegmentTable, layer: int, scale: float, kv_heads: int,
-                    config: SplitConfig = SPLIT_CONFIG) -> Tensor:
+def table_attention(query: Tensor, table: SegmentTable, layer: int, scale: float, kv_heads: int, anchor: Tensor,
+                    config: SplitConfig = TABLE_CONFIG) -> Tensor:
     """``final_block_attention`` with keys and values read in place from the segments of ``table`` (layer
     ``layer``), the query rotated back by each segment's delta instead of the keys forward.
 
@@ -437,11 +445,12 @@ def table_attention(query: Tensor, table: SegmentTable, layer: int, scale: float
         query: (1, Hq, qb, D) 16-bit, any strides, rotated at the final block's positions n..n+qb-1.
         table: filled by ``fill_segment_table``; its segments hold keys and values of the query's dtype.
         kv_heads: KV heads of the segments.
+        anchor: the tensor the table was filled relative to.
 
     Returns:
         (1, qb, Hq, D) contiguous, query dtype; padding tokens' rows are zero.
     """
-    return _attention(query, None, None, scale, table.meta, table.items.shape[0], config, table, layer, kv_heads)
+    return _attention(query, anchor, anchor, scale, table.meta, table.items.shape[0], config, table, layer, kv_heads)
 
 
 def final_block_attention(query: Tensor, key: Tensor, value: Tensor, scale: float, meta: Tensor,
@@ -478,7 +487,7 @@ def _attention(query, key, value, scale, meta, max_splits, config, table, layer,
         segs = (meta,) * 8 + (meta,)
         half = dim // 2
     else:
-        key, value, key_strides = query, query, (0, 0, 0, 0)
+        key_strides = (0, 0, 0, 0)  # key and value: the anchor, the segments' offsets count from it
         segs = tuple(table[:9])
         half = table.cos.shape[1]
         if not table_supported(dim, half):
@@ -487,7 +496,7 @@ def _attention(query, key, value, scale, meta, max_splits, config, table, layer,
         query, key, value, meta, part_o, part_lse, *segs, layer,
         query.stride(1), query.stride(2), query.stride(3), *key_strides, rows, kv_heads, scale * LOG2E,
         G=groups, D=dim, HALF=half, TABLE=table is not None, BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n, num_warps=config.warps, num_stages=config.stages,
+        BLOCK_N=config.block_n, ALIGN=16 // key.element_size(), num_warps=config.warps, num_stages=config.stages,
     )
     _merge_splits_kernel[(triton.cdiv(rows, config.merge_block_m), kv_heads)](
         part_o, part_lse, out, meta, out.stride(1), out.stride(2), rows, kv_heads,

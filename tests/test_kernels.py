@@ -117,8 +117,8 @@ TABLE_SCRIPT = PRELUDE + textwrap.dedent('''
 
             def run(deltas):
                 table = empty_segment_table(8, splits, half, "cpu")
-                fill_segment_table(table, segments(deltas), q_real, inv_freq.float(), splits, min_chunk, 16)
-                return table_attention(q, table, layer, dim ** -0.5, kv_heads), table
+                fill_segment_table(table, segments(deltas), q_real, inv_freq.float(), splits, buf_k, min_chunk, 16)
+                return table_attention(q, table, layer, dim ** -0.5, kv_heads, buf_k), table
 
             # reference: keys rotated to their context positions (or kept at 0..T-1 without re-encoding)
             keys = [rotate(k[layer], torch.arange(t) + (o if reencode else 0), inv_freq)
@@ -173,3 +173,24 @@ def test_layer_pointers_address_each_layer_like_an_index():
     assert torch.equal(got, want)
     whole = pointers([tensors] * 4, "cpu")  # negative control: every row at layer 0
     assert torch.equal(got[0], whole[0]) and not torch.equal(got[1:], whole[1:])
+
+
+def test_segment_table_offsets_count_from_the_anchor_and_bad_anchors_are_refused():
+    import torch
+
+    from blockrag.kernels import Segment, empty_segment_table, fill_segment_table
+
+    keys = torch.zeros(2, 1, 2, 64, 16, dtype=torch.float16)
+    values = torch.zeros_like(keys)
+    block_k, block_v = torch.zeros(2, 2, 8, 16, dtype=torch.float16), torch.zeros(2, 2, 8, 16, dtype=torch.float16)
+    segments = [Segment(block_k, block_v, 0, 2 * 8 * 16, 8 * 16, 8, 3),
+                Segment(keys, values, 8 * 16, 2 * 64 * 16, 64 * 16, 4, 0)]
+    table = empty_segment_table(4, 2, 8, "cpu")
+    fill_segment_table(table, segments, 4, torch.ones(8), 2, keys)
+    base = keys.data_ptr()
+    assert table.k[:2].tolist() == [(block_k.data_ptr() - base) // 2, 8 * 16]
+    assert table.v[:2].tolist() == [(block_v.data_ptr() - base) // 2, (values.data_ptr() - base) // 2 + 8 * 16]
+    with pytest.raises(ValueError, match="dtype"):
+        fill_segment_table(table, segments, 4, torch.ones(8), 2, keys.float())
+    with pytest.raises(ValueError, match="16-byte"):
+        fill_segment_table(table, segments, 4, torch.ones(8), 2, keys.view(-1)[1:])
