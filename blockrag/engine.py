@@ -192,7 +192,19 @@ class BlockEngine:
         for i, p in enumerate(passages):
             if not (p.text if isinstance(p, Passage) else p).strip():
                 raise InvalidInputError(f"expected non-empty passages, found an empty one at index {i}")
-        return self.blocks.fetch([self.template.tokenize(self.tokenizer, t) for t in texts], texts)[0]
+        # NOTE: passages go to the block source a batch at a time, as soon as a batch's worth is tokenized: the
+        # encoder does not wait for the GPU, so the next batch is tokenized while this one is encoded.
+        blocks: list[KVBlock] = []
+        ids: list[list[int]] = []
+        longest = 0
+        for text in texts:
+            block_ids = self.template.tokenize(self.tokenizer, text)
+            if ids and (len(ids) + 1) * max(longest, len(block_ids)) > self.encoder.token_budget:
+                blocks += self.blocks.fetch(ids, texts[len(blocks):len(blocks) + len(ids)])[0]
+                ids, longest = [], 0
+            ids.append(block_ids)
+            longest = max(longest, len(block_ids))
+        return blocks + self.blocks.fetch(ids, texts[len(blocks):])[0]
 
     def stored_blocks(self, keys: Sequence[str]) -> list[KVBlock]:
         """Blocks of this model from the store, by content key (InvalidInputError for a key it lacks)."""

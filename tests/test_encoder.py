@@ -44,3 +44,25 @@ def test_plan_batches_respects_budget_and_covers_everything():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for batch in batches:
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 128
+
+
+def test_engine_encode_hands_over_a_batch_at_a_time_in_order(make_model, tokenizer):
+    """BlockEngine.encode tokenizes and hands passages to the encoder a batch at a time; the blocks come back in
+    the passages' order, equal to each passage encoded alone (duplicates across batches come from the store)."""
+    from blockrag import BlockEngine
+
+    model = make_model("llama")
+    texts = TEXTS + TEXTS[:2]
+    engine = BlockEngine(model, tokenizer, token_budget=24)
+    calls = []
+    fetch = engine.blocks.fetch
+    engine.blocks.fetch = lambda ids, texts=None, **kw: calls.append(len(ids)) or fetch(ids, texts, **kw)
+    blocks = engine.encode(texts)
+    assert len(calls) > 2 and sum(calls) == len(texts)  # several hand-overs, every passage once
+    alone = BlockEngine(model, tokenizer, token_budget=1)
+    for text, block in zip(texts, blocks):
+        want = alone.encode([text])[0]
+        assert block.key == want.key and block.token_ids == tuple(engine.block_ids(text))
+        torch.testing.assert_close(block.keys, want.keys, atol=1e-5, rtol=0)
+    assert blocks[len(TEXTS)] is blocks[0]  # a duplicate in a later batch: the stored block
+    assert blocks[0].key != blocks[1].key  # negative control: different passages, different blocks
