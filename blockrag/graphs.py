@@ -99,9 +99,11 @@ class _GraphInputs:
         self.state.seqused.copy_(self._used, non_blocking=True)
         self.state.valid.copy_(self._valid, non_blocking=True)
         if self.table is not None:
-            fill_segment_table(self.table, segments, q, inv_freq, max_splits, self.state.anchor)
-            for mirror, target in zip(self.table, self.state.table):
-                target.copy_(mirror, non_blocking=True)
+            fill_segment_table(self.table, segments, q, inv_freq, max_splits, self.state.anchor,
+                               rotation=self.state.table)  # rotations computed on the device, in place
+            for name in self.table._fields:
+                if name not in ("cos", "sin"):
+                    getattr(self.state.table, name).copy_(getattr(self.table, name), non_blocking=True)
         elif self.state.meta is not None:
             self._meta.copy_(torch.tensor(split_meta(context, q, max_splits), dtype=torch.int32))
             self.state.meta.copy_(self._meta, non_blocking=True)

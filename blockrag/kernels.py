@@ -84,13 +84,21 @@ def _upload(values, dtype, device) -> Tensor:
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
+def _rotations(angles_of: Sequence[int], inv_freq: Tensor, device) -> tuple[Tensor, Tensor]:
+    """(cos, sin) of ``angles_of[i] * inv_freq`` as (n, R/2) float32 on ``device``, float64 math there.
+
+    NOTE: computed where the table is used: on a GPU host, the same cos and sin on the CPU took 0.3-3 ms a request
+    at 64 blocks, while the GPU sat idle waiting for them.
+    """
+    angles = _upload(list(angles_of), torch.float64, device)[:, None] * inv_freq.to(device, torch.float64)[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
 def block_table(lengths: Sequence[int], offsets: Sequence[int], deltas: Sequence[int], inv_freq: Tensor,
                 device) -> BlockTable:
-    # NOTE: the angles are computed where the table is used (float64 math): on a GPU host, the same cos and sin on
-    # the CPU took 0.3-3 ms a request at 64 blocks, while the GPU sat idle waiting for the gather.
-    angles = _upload(list(deltas), torch.float64, device)[:, None] * inv_freq.to(device, torch.float64)[None, :]
+    cos, sin = _rotations(deltas, inv_freq, device)
     return BlockTable(_upload(list(lengths), torch.int64, device), _upload(list(offsets), torch.int64, device),
-                      angles.cos().float(), angles.sin().float(), max(lengths))
+                      cos, sin, max(lengths))
 
 
 def pointers(tensors: Sequence[Sequence[Tensor]], device) -> Tensor:
@@ -328,8 +336,10 @@ class SplitConfig(NamedTuple):
 
 SPLIT_CONFIG = SplitConfig()
 # NOTE: the table kernel carries its running output across segments, around the rotation of the query: with
-# 128-row tiles it spills registers (sm90: 255 registers, 360 bytes of stack); 64-row tiles with 8 warps do not.
-TABLE_CONFIG = SplitConfig(block_m=64)
+# 128-row tiles it spills registers (sm90: 255 registers, 62-360 bytes of stack). On an H100 at 32K context the
+# launch-shape sweep (benchmarks/profile_ttft.py) measured 64-row tiles with 4 warps fastest: 204 us a layer
+# (8 warps: 282 us; 128-row tiles: 219 us; the buffer kernel: 142-148 us).
+TABLE_CONFIG = SplitConfig(block_m=64, warps=4)
 
 
 def split_meta(context: int, q_real: int, max_splits: int, min_chunk: int = 256, block_n: int = 128) -> list[int]:
@@ -394,13 +404,16 @@ class Segment(NamedTuple):
 
 
 def fill_segment_table(table: SegmentTable, segments: Sequence[Segment], q_real: int, inv_freq: Tensor,
-                       max_splits: int, anchor: Tensor, min_chunk: int = 256, block_n: int = 128) -> None:
+                       max_splits: int, anchor: Tensor, min_chunk: int = 256, block_n: int = 128,
+                       rotation: SegmentTable | None = None) -> None:
     """Write one request into ``table`` (device or pinned host tensors) for ``table_attention``.
 
     The last segment must be the final block (q_real keys, delta 0); the context is every segment before it.
     Segments are addressed relative to ``anchor``, a tensor of their dtype that ``table_attention`` is given too
     (for a CUDA graph: one that lives at a fixed address, like the graph's own buffer).
     Splits cut the keys into equal chunks (at least ``min_chunk`` keys, multiples of ``block_n``).
+    ``rotation``: the table whose cos and sin rows get the segments' rotations (default ``table``), e.g. the device
+    table when ``table`` is its pinned host mirror: they are computed where they land (see ``block_table``).
     """
     count = len(segments)
     if count > table.start.numel():
@@ -425,9 +438,10 @@ def fill_segment_table(table: SegmentTable, segments: Sequence[Segment], q_real:
     table.head_stride[:count] = torch.tensor([seg.head_stride for seg in segments])
     table.start[:count] = torch.tensor(starts)
     table.length[:count] = torch.tensor([seg.length for seg in segments])
-    angles = -torch.tensor([seg.delta for seg in segments], dtype=torch.float64)[:, None] * inv_freq.double()[None]
-    table.cos[:count] = angles.cos()
-    table.sin[:count] = angles.sin()
+    rotation = table if rotation is None else rotation
+    cos, sin = _rotations([-seg.delta for seg in segments], inv_freq, rotation.cos.device)
+    rotation.cos[:count] = cos
+    rotation.sin[:count] = sin
     chunk = split_meta(n, q_real, max_splits, min_chunk, block_n)[2]
     items = []
     for lo in range(0, total, chunk):
