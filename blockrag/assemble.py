@@ -70,7 +70,7 @@ def gather_plans(blocks: Sequence[KVBlock], keys: Sequence[Tensor], values: Sequ
         keys, values: per block, the device tensors to read: (L, H, T, D) each.
         per_layer: one pointer row per layer (sources addressed layer by layer) instead of one row.
     """
-    from blockrag.kernels import GatherPlan, block_table, layer_pointers, pointers
+    from blockrag.kernels import GatherPlan, block_table, layer_pointers, pointers, upload_rows
 
     plans = []
     for fp8 in (False, True):
@@ -87,8 +87,17 @@ def gather_plans(blocks: Sequence[KVBlock], keys: Sequence[Tensor], values: Sequ
             v_ptrs = pointers([[values[i] for i in chosen]], device)
         scales, keep = None, ()
         if fp8:
-            keep = tuple((blocks[i].key_scale.to(device), blocks[i].value_scale.to(device)) for i in chosen)
-            scales = pointers([[k for k, _ in keep], [v for _, v in keep]], device)
+            # NOTE: every block's scales go up as one tensor (nb, 2, L, H): a blocking copy per block and scale, 126
+            # at 32K context, held the first host-to-device copy back by milliseconds.
+            pairs = [torch.stack((blocks[i].key_scale, blocks[i].value_scale)).float() for i in chosen]
+            if all(pair.device.type == "cpu" for pair in pairs):
+                stacked = torch.stack(pairs).to(device, non_blocking=True)
+            else:
+                stacked = torch.stack([pair.to(device, non_blocking=True) for pair in pairs])
+            step = stacked[0, 0].numel() * stacked.element_size()
+            scales = upload_rows([[stacked.data_ptr() + (2 * j + side) * step for j in range(len(chosen))]
+                                   for side in (0, 1)], device)
+            keep = (stacked,)
         plans.append(GatherPlan(table, k_ptrs, v_ptrs, scales, keep))
     return plans
 

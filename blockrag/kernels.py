@@ -101,6 +101,11 @@ def block_table(lengths: Sequence[int], offsets: Sequence[int], deltas: Sequence
                       cos, sin, max(lengths))
 
 
+def upload_rows(rows: Sequence[Sequence[int]], device) -> Tensor:
+    """(rows, n) int64 table of addresses on ``device`` (computed ones: ``layer_pointers``, scale rows)."""
+    return _upload(rows, torch.int64, device)
+
+
 def pointers(tensors: Sequence[Sequence[Tensor]], device) -> Tensor:
     """(rows, nb) int64 table of data pointers: pointers([[t00, t01], [t10, t11]])."""
     return _upload([[t.data_ptr() for t in row] for row in tensors], torch.int64, device)

@@ -194,3 +194,39 @@ def test_segment_table_offsets_count_from_the_anchor_and_bad_anchors_are_refused
         fill_segment_table(table, segments, 4, torch.ones(8), 2, keys.float())
     with pytest.raises(ValueError, match="16-byte"):
         fill_segment_table(table, segments, 4, torch.ones(8), 2, keys.view(-1)[1:])
+
+
+FP8_SCRIPT = PRELUDE + textwrap.dedent('''
+    from blockrag.assemble import block_offsets, gather_plans
+    from blockrag.kernels import gather_rotate
+    from blockrag.kv import KVBlock
+
+    class Spec:
+        inv_freq = 1.0 / (1e4 ** (torch.arange(8) / 8))
+
+    torch.manual_seed(0)
+    plain = [KVBlock(keys=torch.randn(2, 3, t, 16), values=torch.randn(2, 3, t, 16), token_ids=tuple(range(t)),
+                     fingerprint="f", key=str(t)) for t in (5, 9, 3)]
+    blocks = [b.quantize() for b in plain]
+    cap = sum(b.num_tokens for b in blocks)
+    keys, values = torch.zeros(2, 3, cap, 16), torch.zeros(2, 3, cap, 16)
+    for plan in gather_plans(blocks, [b.keys for b in blocks], [b.values for b in blocks], block_offsets(blocks),
+                             [0, 0, 0], Spec, torch.device("cpu")):
+        gather_rotate(plan, 0, keys, values)
+    want_k = torch.cat([b.keys.float() * b.key_scale[..., None, None] for b in blocks], 2)
+    want_v = torch.cat([b.values.float() * b.value_scale[..., None, None] for b in blocks], 2)
+    swapped = torch.cat([b.values.float() * b.key_scale[..., None, None] for b in blocks], 2)
+    print(json.dumps({"k": float((keys - want_k).abs().max()), "v": float((values - want_v).abs().max()),
+                      "swapped": float((values - swapped).abs().max())}))
+''')
+
+
+def test_fp8_gather_reads_every_blocks_scales_from_one_upload():
+    """The gather dequantises fp8 blocks with each block's own key and value scales (uploaded as one tensor);
+    scaling the values by the key scales instead is far off (negative control)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", FP8_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["k"] < 1e-6 and result["v"] < 1e-6, result
+    assert result["swapped"] > 1e-2, result
