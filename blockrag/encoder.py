@@ -121,6 +121,6 @@ class BlockEncoder:
         with self._fused():
             _, cache = forward(self.model, ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
         layer_keys, layer_values = stacked_kv(cache)
-        keys = torch.stack(layer_keys, dim=1)  # (B, L, H, T, D)
-        values = torch.stack(layer_values, dim=1)
-        return [(keys[row, :, :, :n].clone(), values[row, :, :, :n].clone()) for row, n in enumerate(lengths)]
+        # one copy per block: its rows of every layer stacked into (L, H, n, D), padding left out
+        return [(torch.stack([k[row, :, :n] for k in layer_keys]), torch.stack([v[row, :, :n] for v in layer_values]))
+                for row, n in enumerate(lengths)]
