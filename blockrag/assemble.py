@@ -70,7 +70,7 @@ def gather_plans(blocks: Sequence[KVBlock], keys: Sequence[Tensor], values: Sequ
         keys, values: per block, the device tensors to read: (L, H, T, D) each.
         per_layer: one pointer row per layer (sources addressed layer by layer) instead of one row.
     """
-    from blockrag.kernels import GatherPlan, block_table, layer_pointers, pointers, upload_rows
+    from blockrag.kernels import GatherPlan, block_table, element_offsets, upload_rows
 
     plans = []
     for fp8 in (False, True):
@@ -79,12 +79,9 @@ def gather_plans(blocks: Sequence[KVBlock], keys: Sequence[Tensor], values: Sequ
             continue
         table = block_table([blocks[i].num_tokens for i in chosen], [offsets[i] for i in chosen],
                             [deltas[i] for i in chosen], rope.inv_freq, device)
-        if per_layer:
-            k_ptrs = layer_pointers([keys[i] for i in chosen], device)
-            v_ptrs = layer_pointers([values[i] for i in chosen], device)
-        else:
-            k_ptrs = pointers([[keys[i] for i in chosen]], device)
-            v_ptrs = pointers([[values[i] for i in chosen]], device)
+        k_base, v_base = keys[chosen[0]], values[chosen[0]]
+        k_offs, k_align = element_offsets([keys[i] for i in chosen], k_base, device, per_layer)
+        v_offs, v_align = element_offsets([values[i] for i in chosen], v_base, device, per_layer)
         scales, keep = None, ()
         if fp8:
             # NOTE: every block's scales go up as one tensor (nb, 2, L, H): a blocking copy per block and scale, 126
@@ -98,7 +95,7 @@ def gather_plans(blocks: Sequence[KVBlock], keys: Sequence[Tensor], values: Sequ
             scales = upload_rows([[stacked.data_ptr() + (2 * j + side) * step for j in range(len(chosen))]
                                    for side in (0, 1)], device)
             keep = (stacked,)
-        plans.append(GatherPlan(table, k_ptrs, v_ptrs, scales, keep))
+        plans.append(GatherPlan(table, k_base, v_base, k_offs, v_offs, min(k_align, v_align), scales, keep))
     return plans
 
 

@@ -159,20 +159,27 @@ def test_table_attention_reads_segments_in_place_and_rotates_the_query():
             assert r["unrotated_rel"] > 10 * tol, r  # negative control: keys left at their stored positions
 
 
-def test_layer_pointers_address_each_layer_like_an_index():
+def test_element_offsets_address_each_layer_like_an_index():
     import torch
 
-    from blockrag.kernels import layer_pointers, pointers
+    from blockrag.kernels import element_offsets, pointers
 
-    tensors = [torch.zeros(4, 2, 5, 8, dtype=torch.bfloat16),
-               torch.zeros(4, 3, 6, 16)[:, 1:],  # a slice: offset storage
+    tensors = [torch.zeros(4, 2, 5, 8, dtype=torch.float16),
+               torch.zeros(4, 3, 6, 16, dtype=torch.float16)[:, 1:],  # a slice: offset storage
                torch.zeros(2, 4, 5, 8, dtype=torch.float16).transpose(0, 1)]  # layers not outermost in memory
-    got = layer_pointers(tensors, "cpu")
-    want = pointers([[t[layer] for t in tensors] for layer in range(4)], "cpu")
+    base = tensors[0]
+    got, align = element_offsets(tensors, base, "cpu", per_layer=True)
+    addresses = pointers([[t[layer] for t in tensors] for layer in range(4)], "cpu")
     assert got.shape == (4, 3) and got.dtype == torch.int64
-    assert torch.equal(got, want)
-    whole = pointers([tensors] * 4, "cpu")  # negative control: every row at layer 0
-    assert torch.equal(got[0], whole[0]) and not torch.equal(got[1:], whole[1:])
+    assert torch.equal(got * 2 + base.data_ptr(), addresses)
+    assert align == 8  # 16 bytes of float16: the caching allocator's addresses and these strides all allow it
+    one, _ = element_offsets(tensors, base, "cpu")
+    assert torch.equal(one, got[:1])  # one row: layer 0
+    assert not torch.equal(got[1:], one.expand(3, -1))  # negative control: later layers are elsewhere
+    odd, odd_align = element_offsets([base.view(-1)[1:]], base, "cpu")  # one element in: 2-byte aligned
+    assert odd.tolist() == [[1]] and odd_align == 1
+    with pytest.raises(ValueError, match="one dtype"):
+        element_offsets([base, base.float()], base, "cpu")
 
 
 def test_segment_table_offsets_count_from_the_anchor_and_bad_anchors_are_refused():
@@ -207,23 +214,27 @@ FP8_SCRIPT = PRELUDE + textwrap.dedent('''
     torch.manual_seed(0)
     plain = [KVBlock(keys=torch.randn(2, 3, t, 16), values=torch.randn(2, 3, t, 16), token_ids=tuple(range(t)),
                      fingerprint="f", key=str(t)) for t in (5, 9, 3)]
-    blocks = [b.quantize() for b in plain]
+    blocks = [b.quantize() if i != 1 else b for i, b in enumerate(plain)]  # fp8 around a plain block: two plans
     cap = sum(b.num_tokens for b in blocks)
     keys, values = torch.zeros(2, 3, cap, 16), torch.zeros(2, 3, cap, 16)
     for plan in gather_plans(blocks, [b.keys for b in blocks], [b.values for b in blocks], block_offsets(blocks),
                              [0, 0, 0], Spec, torch.device("cpu")):
         gather_rotate(plan, 0, keys, values)
-    want_k = torch.cat([b.keys.float() * b.key_scale[..., None, None] for b in blocks], 2)
-    want_v = torch.cat([b.values.float() * b.value_scale[..., None, None] for b in blocks], 2)
-    swapped = torch.cat([b.values.float() * b.key_scale[..., None, None] for b in blocks], 2)
+    def scaled(x, scale):
+        return x if scale is None else x.float() * scale[..., None, None]
+
+    want_k = torch.cat([scaled(b.keys, b.key_scale) for b in blocks], 2)
+    want_v = torch.cat([scaled(b.values, b.value_scale) for b in blocks], 2)
+    swapped = torch.cat([scaled(b.values, b.key_scale) for b in blocks], 2)
     print(json.dumps({"k": float((keys - want_k).abs().max()), "v": float((values - want_v).abs().max()),
                       "swapped": float((values - swapped).abs().max())}))
 ''')
 
 
 def test_fp8_gather_reads_every_blocks_scales_from_one_upload():
-    """The gather dequantises fp8 blocks with each block's own key and value scales (uploaded as one tensor);
-    scaling the values by the key scales instead is far off (negative control)."""
+    """The gather dequantises fp8 blocks with each block's own key and value scales (uploaded as one tensor) and
+    copies a plain block between them (its own plan); scaling the values by the key scales instead is far off
+    (negative control)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", FP8_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
