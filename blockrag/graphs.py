@@ -136,8 +136,9 @@ class FinalBlockGraphs:
         read_in_place: with the "triton" attention, read the context through a segment table
             (``kernels.table_attention``), device-resident blocks where they are stored: nothing is copied before
             the first token, and the buffer is filled for decoding only when a token follows. Off by default:
-            on an H100 at 32K context the table kernel takes ~390 us a layer against ~145 us over the gathered
-            buffer, more than the gather it saves (~3.8 ms for all layers); see benchmarks/NOTES.md.
+            on an H100 at 32K context the table kernel takes ~204 us a layer against ~142 us over the gathered
+            buffer, about what the gather saves (graph TTFT 17.7 vs 18.1 ms at 32K, 11.6 vs 11.4 ms at 3.7K), and
+            the first decoding step pays the gather; see benchmarks/NOTES.md.
         max_segments: most segments (blocks + the final block) a request may have to be read in place (more
             are gathered).
         fuse: capture RMSNorm and the rotary embedding as one fused kernel each where ``blockrag.fused`` finds,
