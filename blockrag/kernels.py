@@ -108,11 +108,6 @@ def upload_rows(rows: Sequence[Sequence[int]], device) -> Tensor:
     return _upload(rows, torch.int64, device)
 
 
-def pointers(tensors: Sequence[Sequence[Tensor]], device) -> Tensor:
-    """(rows, nb) int64 table of data pointers: pointers([[t00, t01], [t10, t11]])."""
-    return _upload([[t.data_ptr() for t in row] for row in tensors], torch.int64, device)
-
-
 def element_offsets(tensors: Sequence[Tensor], base: Tensor, device, per_layer: bool = False) -> tuple[Tensor, int]:
     """((rows, nb) int64 table, alignment): each tensor's first element as an offset in elements from ``base``'s,
     and the largest power of two (up to 16 bytes' worth of elements) dividing every offset and ``base``'s address.
@@ -164,8 +159,7 @@ def gather_rotate(plan: GatherPlan, row: int, dst_k: Tensor, dst_v: Tensor, scal
     scales = plan.scale_ptrs if plan.scale_ptrs is not None else (plan.k_offs[row], plan.k_offs[row])
     _gather_rotate_kernel[grid](
         plan.k_base, plan.v_base, plan.k_offs[row], plan.v_offs[row], scales[0], scales[1], table.lengths,
-        table.offsets, table.cos,
-        table.sin, dst_k, dst_v, layers_heads, cap, scale_base,
+        table.offsets, table.cos, table.sin, dst_k, dst_v, layers_heads, cap, scale_base,
         D=dim, D_P2=triton.next_power_of_2(dim), HALF=half, HALF_P2=triton.next_power_of_2(half),
         REST=dim - 2 * half, REST_P2=max(1, triton.next_power_of_2(max(1, dim - 2 * half))),
         FP8=plan.scale_ptrs is not None, BLOCK_T=block_t, ALIGN=plan.align,

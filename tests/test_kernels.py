@@ -162,14 +162,14 @@ def test_table_attention_reads_segments_in_place_and_rotates_the_query():
 def test_element_offsets_address_each_layer_like_an_index():
     import torch
 
-    from blockrag.kernels import element_offsets, pointers
+    from blockrag.kernels import element_offsets
 
     tensors = [torch.zeros(4, 2, 5, 8, dtype=torch.float16),
                torch.zeros(4, 3, 6, 16, dtype=torch.float16)[:, 1:],  # a slice: offset storage
                torch.zeros(2, 4, 5, 8, dtype=torch.float16).transpose(0, 1)]  # layers not outermost in memory
     base = tensors[0]
     got, align = element_offsets(tensors, base, "cpu", per_layer=True)
-    addresses = pointers([[t[layer] for t in tensors] for layer in range(4)], "cpu")
+    addresses = torch.tensor([[t[layer].data_ptr() for t in tensors] for layer in range(4)])
     assert got.shape == (4, 3) and got.dtype == torch.int64
     assert torch.equal(got * 2 + base.data_ptr(), addresses)
     assert align == 8  # 16 bytes of float16: the caching allocator's addresses and these strides all allow it
