@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from blockrag.hf import forward, stacked_kv
+from blockrag.hf import prefill_kv, stacked_kv
 from blockrag.kv import KVBlock
 
 
@@ -119,7 +119,7 @@ class BlockEncoder:
         mask = mask.to(self.device, non_blocking=True) if min(lengths) < longest else None
         positions = torch.arange(longest, device=self.device).expand(len(blocks), -1)
         with self._fused():
-            _, cache = forward(self.model, ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+            cache = prefill_kv(self.model, ids, attention_mask=mask, position_ids=positions)
         layer_keys, layer_values = stacked_kv(cache)
         # one copy per block: its rows of every layer stacked into (L, H, n, D), padding left out
         return [(torch.stack([k[row, :, :n] for k in layer_keys]), torch.stack([v[row, :, :n] for v in layer_values]))

@@ -163,6 +163,60 @@ class SlotLayer(DynamicLayer):
         return self.keys, self.values
 
 
+class KeepLayer(DynamicLayer):
+    """A cache layer for one prefill whose keys and values are read afterwards: the first update keeps the given
+    tensors (``DynamicLayer`` concatenates them onto an empty one, a copy of every key and value); later updates
+    concatenate as it does. ``stop`` (optional) is raised once the first update has kept its tensors."""
+
+    def __init__(self, stop: BaseException | None = None) -> None:
+        super().__init__()
+        self._stop = stop
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if self.is_initialized and self.keys is not None and self.keys.numel():
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.keys, self.values = key_states, value_states
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+        if self._stop is not None:
+            stop, self._stop = self._stop, None
+            raise stop
+        return self.keys, self.values
+
+
+class _KeysComplete(Exception):
+    """Ends a forward once its last layer's keys and values are cached (what follows is not needed)."""
+
+
+def prefill_kv(model: nn.Module, input_ids: Tensor, *, position_ids: Tensor | None = None,
+               attention_mask: Tensor | None = None) -> KVCache:
+    """The cache of one forward over ``input_ids``, computed only as far as the keys and values need.
+
+    The model's own cache layout (``new_cache``) with each plain ``DynamicLayer`` made a ``KeepLayer``: nothing is
+    copied into the cache, and once the last decoder layer has cached its keys and values the forward stops,
+    so that layer's attention output, its MLP, the final norm and the LM head are not computed. Where the last
+    layer's cache is of another kind (a sliding window, a recurrent state), the forward runs to the end.
+
+    Args:
+        model: a transformers causal LM.
+        input_ids: (B, T) token ids.
+        position_ids, attention_mask: as in ``forward``.
+    Returns:
+        The cache, holding (B, H, T, D) keys and values per layer; read it with ``stacked_kv``.
+    """
+    cache = new_cache(model.config)
+    done = _KeysComplete()
+    cache.layers = [KeepLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    if cache.layers and type(cache.layers[-1]) is KeepLayer:
+        cache.layers[-1] = KeepLayer(stop=done)
+    try:
+        forward(model, input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
+                logits_to_keep=1)
+    except _KeysComplete as stopped:
+        if stopped is not done:  # another prefill's (a model called inside a model): not ours to end
+            raise
+    return cache
+
+
 def new_cache(config) -> KVCache:
     """An empty cache for a model config (the model fills it)."""
     return DynamicCache(config=config)

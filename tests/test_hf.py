@@ -107,6 +107,45 @@ def test_buffer_cache_writes_in_place_and_runs_hooks_once(make_model):
         assert keys[:, :, :, 5:].abs().max() == 0  # nothing written past the new tokens
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gemma", "hybrid"])
+def test_prefill_kv_caches_what_a_full_forward_does_and_stops_after_the_last_keys(make_model, arch):
+    """Same keys and values as a full forward (padding included); the last layer's MLP and the LM head run only
+    where the last layer's cache is not a plain one (``hybrid``: a sliding window there), and in the full forward."""
+    model = make_model(arch)
+    ids = torch.tensor([[5, 9, 11, 13, 17, 19, 23, 29], [31, 37, 41, 43, 47, 0, 0, 0]])
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    last = hf.decoder_layers(model)[-1]
+    mlp = getattr(last, "mlp", None)
+    calls = []
+    handles = [module.register_forward_hook(lambda *_, name=name: calls.append(name))
+               for name, module in (("mlp", mlp), ("head", model.get_output_embeddings())) if module is not None]
+    try:
+        with torch.no_grad():
+            _, reference = hf.forward(model, ids, attention_mask=mask, logits_to_keep=1)
+            full_calls, calls[:] = list(calls), []
+            cache = hf.prefill_kv(model, ids, attention_mask=mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert "head" in full_calls  # negative control: the hooks see a full forward
+    assert calls == ([] if arch != "hybrid" else full_calls)
+    for got, want in zip(hf.stacked_kv(cache), hf.stacked_kv(reference)):
+        assert len(got) == len(want) == model.config.num_hidden_layers
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+def test_keep_layer_keeps_the_first_tensors_and_concatenates_later_ones():
+    layer = hf.KeepLayer()
+    keys, values = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 3).transpose(2, 3)
+    got_keys, got_values = layer.update(keys, values)
+    assert got_keys is keys and got_values is values and layer.get_seq_length() == 3
+    more_keys, more_values = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4)
+    got_keys, got_values = layer.update(more_keys, more_values)
+    torch.testing.assert_close(got_keys, torch.cat([keys, more_keys], dim=2), atol=0, rtol=0)
+    torch.testing.assert_close(got_values, torch.cat([values, more_values], dim=2), atol=0, rtol=0)
+
+
 def test_attention_switch_restores_after_the_last_user(make_model):
     model = make_model("gemma")
     before = hf.attention_implementation(model)
