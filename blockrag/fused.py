@@ -1,7 +1,10 @@
 """Fused Triton kernels for a decoder's small elementwise ops, swapped in only where they give the same numbers.
 
 Inside a CUDA graph of a forward over a few dozen tokens, every elementwise op of an RMSNorm or of
-``apply_rotary_pos_emb`` is a kernel of its own; ``rms_norm`` and ``rotate_qk`` do each in one launch.
+``apply_rotary_pos_emb`` is a kernel of its own; ``rms_norm`` and ``rotate_qk`` do each in one launch. In a
+gated MLP (``down(act(gate(x)) * up(x))`` with SiLU), ``silu_mul`` reads the two projections once and writes
+the product once (two launches and a rounded intermediate in the eager code): at encoding's thousands of
+tokens that is memory traffic, not launches.
 Architectures differ in small ways (Gemma's norm multiplies by ``1 + weight``, GPT-NeoX rotates a slice of
 the head and passes the rest), so nothing is swapped by name alone: ``FusedOps.verify()`` runs both versions
 on the model's real inputs and keeps the fused one per norm class and per modeling module only where the
@@ -23,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-__all__ = ["FusedOps", "rms_norm", "rotate_qk"]
+__all__ = ["FusedOps", "rms_norm", "rotate_qk", "silu_mul"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -143,6 +146,32 @@ def rotate_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, T
     return q_out, k_out
 
 
+@triton.jit
+def _silu_mul_kernel(gate, up, out, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(gate + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + offs, (g * tl.sigmoid(g) * u).to(out.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` in one launch: fp32 math, rounded once to the result dtype.
+
+    Args:
+        gate, up: (..., N) of one shape, float16 / bfloat16 / float32 (copied first where not contiguous).
+    Returns:
+        (..., N) contiguous, of the dtype torch promotes gate and up to.
+    """
+    out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    n = out.numel()
+    if n:
+        block = 4096
+        _silu_mul_kernel[(triton.cdiv(n, block),)](gate.contiguous(), up.contiguous(), out, n, BLOCK=block,
+                                                   num_warps=8)
+    return out
+
+
 def _tolerance(*dtypes: torch.dtype) -> float:
     """Relative tolerance of verify() for results computed from tensors of these dtypes."""
     # NOTE: bfloat16 keeps 8 significant bits, so 2**-7 is one of its ulps; the fused norm rounds the normalised
@@ -186,17 +215,29 @@ def _is_norm_candidate(module: nn.Module) -> bool:
             and _norm_eps(module) is not None)
 
 
+def _is_silu(module) -> bool:
+    # NOTE: transformers' "silu" activation is nn.SiLU or its own SiLUActivation, depending on the version
+    return isinstance(module, nn.SiLU) or type(module).__name__ == "SiLUActivation"
+
+
+def _is_mlp_candidate(module: nn.Module) -> bool:
+    """A gated MLP with a SiLU activation (Llama's layout); whether its forward is ``down(silu(gate(x)) * up(x))``
+    is for verify()."""
+    return (all(isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj"))
+            and _is_silu(getattr(module, "act_fn", None)))
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class FusedOps:
-    """Context manager: while active, verified RMSNorm modules of ``model`` and the modeling modules'
-    ``apply_rotary_pos_emb`` run fused Triton kernels.
+    """Context manager: while active, verified RMSNorm and gated-MLP modules of ``model`` and the modeling
+    modules' ``apply_rotary_pos_emb`` run fused Triton kernels.
 
     Usage: ``fused = FusedOps(model); with fused: with fused.verify(): warm up; capture; replay``. Only
     ``verify()`` decides: a norm class or modeling module whose fused result matched on every verified call
-    runs fused afterwards; one that never ran under ``verify()`` keeps its original code, and one that
+    (MLP: class) runs fused afterwards; one that never ran under ``verify()`` keeps its original code, and one that
     differed once keeps it for good. Calls the kernels do not cover (tensors not on CUDA, autograd, other
     arguments, shapes that do not fit) always run the original. Decisions outlive the context: entering again
     reuses them.
@@ -232,12 +273,12 @@ class FusedOps:
         self._verifying = False
         self._entered = 0  # active entries; patched while > 0
         self._lock = threading.Lock()
-        self._norms: dict[nn.Module, Callable] = {}  # patched module -> its instance-level forward
+        self._forwards: dict[nn.Module, Callable] = {}  # patched module (norm, MLP) -> its instance-level forward
         self._rotary: dict[ModuleType, Callable] = {}  # modeling module -> its original apply_rotary_pos_emb
 
     @property
     def decisions(self) -> dict[str, bool]:
-        """Verified so far: norm class name or ``<modeling module>.apply_rotary_pos_emb`` -> fused or not."""
+        """Verified so far: norm or MLP class name, or ``<modeling module>.apply_rotary_pos_emb`` -> fused or not."""
         return dict(self._decisions)
 
     @contextlib.contextmanager
@@ -271,8 +312,12 @@ class FusedOps:
         for module in self.model.modules():
             # NOTE: a module that already has an instance-level forward (an accelerate hook moving weights,
             # say) keeps it: the fused forward would skip what that wrapper does.
-            if _is_norm_candidate(module) and "forward" not in vars(module):
-                self._norms[module] = module.forward = self._norm_forward(module)
+            if "forward" in vars(module):
+                continue
+            if _is_norm_candidate(module):
+                self._forwards[module] = module.forward = self._norm_forward(module)
+            elif _is_mlp_candidate(module):
+                self._forwards[module] = module.forward = self._mlp_forward(module)
         for name in sorted({type(module).__module__ for module in self.model.modules()}):
             namespace = sys.modules.get(name)
             original = getattr(namespace, "apply_rotary_pos_emb", None)
@@ -281,12 +326,12 @@ class FusedOps:
                 namespace.apply_rotary_pos_emb = self._rotary_function(f"{name}.apply_rotary_pos_emb", original)
 
     def _restore(self) -> None:
-        for module, forward in self._norms.items():
+        for module, forward in self._forwards.items():
             if vars(module).get("forward") is forward:
                 del module.forward
         for namespace, original in self._rotary.items():
             namespace.apply_rotary_pos_emb = original
-        self._norms, self._rotary = {}, {}
+        self._forwards, self._rotary = {}, {}
 
     def _fusable(self, *tensors: Tensor) -> bool:
         first = tensors[0]
@@ -325,6 +370,25 @@ class FusedOps:
                 return original()
             fused = functools.partial(rms_norm, x, weight, _norm_eps(module))
             return self._run(key, original, fused, _tolerance(x.dtype, weight.dtype))
+
+        return forward
+
+    def _mlp_forward(self, module: nn.Module) -> Callable:
+        plain = module.forward
+        key = type(module).__name__
+
+        @functools.wraps(plain)
+        def forward(*args, **kwargs):
+            original = functools.partial(plain, *args, **kwargs)
+            x = args[0] if args else None
+            if not (len(args) == 1 and not kwargs and isinstance(x, Tensor) and x.dim() >= 1
+                    and self._fusable(x, *module.parameters())):
+                return original()
+
+            def fused():
+                return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+
+            return self._run(key, fused=fused, original=original, tol=_tolerance(x.dtype))
 
         return forward
 

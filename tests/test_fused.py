@@ -103,8 +103,24 @@ SCRIPT = PRELUDE + textwrap.dedent('''
                 "sin_sign_err": max(err(bad_q, want_q), err(bad_k, want_k)),
             })
 
+    # --- silu_mul ------------------------------------------------------------------------------------------
+    report["silu_mul"] = []
+    for name, dtype in DTYPES.items():
+        for shape in ((3, 7, 100), (2, 4096 + 5)):
+            gate, up = torch.randn(*shape, dtype=dtype), torch.randn(*shape, dtype=dtype)
+            out = fused.silu_mul(gate, up)
+            want = nn.functional.silu(gate) * up  # what a Llama MLP computes (two roundings in 16 bits)
+            ref = nn.functional.silu(gate.double()) * up.double()
+            report["silu_mul"].append({
+                "dtype": name, "shape": list(shape), "ref_err": err(out, ref), "hf_err": err(out, want),
+                "same_dtype": out.dtype == want.dtype and out.shape == want.shape,
+                "swapped_err": err(fused.silu_mul(up, gate), want),
+                "strided_err": err(fused.silu_mul(gate.t() if gate.dim() == 2 else gate, up.t() if up.dim() == 2
+                                                  else up), want.t() if want.dim() == 2 else want),
+            })
+
     # --- FusedOps on tiny models ---------------------------------------------------------------------------
-    calls = {"rms_norm": 0, "rotate_qk": 0}
+    calls = {"rms_norm": 0, "rotate_qk": 0, "silu_mul": 0}
 
     def counted(fn):
         def wrapper(*args):
@@ -114,6 +130,7 @@ SCRIPT = PRELUDE + textwrap.dedent('''
 
     # FusedOps looks the kernels up in its module at call time, so counting wrappers there see every fused call
     fused.rms_norm, fused.rotate_qk = counted(fused.rms_norm), counted(fused.rotate_qk)
+    fused.silu_mul = counted(fused.silu_mul)
     tokenizer = build_tokenizer()
     ids = tokenizer("Rotary embeddings rotate queries and keys.", return_tensors="pt").input_ids
 
@@ -140,17 +157,18 @@ SCRIPT = PRELUDE + textwrap.dedent('''
             before = model(ids).logits
             ops = fused.FusedOps(model, allow_cpu=True)
             with ops:
-                inside = {"norms": patched_forwards(model),
+                inside = {"patched": patched_forwards(model),
                           "rotary": modeling.apply_rotary_pos_emb is not original_rotary}
                 with ops.verify():
                     verified = model(ids).logits
-                calls.update(rms_norm=0, rotate_qk=0)
+                calls.update(rms_norm=0, rotate_qk=0, silu_mul=0)
                 active = model(ids).logits
                 active_calls = dict(calls)
             after = model(ids).logits
         report["models"].append({
             "arch": arch, "dtype": name, "modeling": modeling.__name__, "decisions": ops.decisions,
             "rms_norm_modules": sum(type(m).__name__.endswith("RMSNorm") for m in model.modules()),
+            "mlp_modules": sum(fused._is_mlp_candidate(m) for m in model.modules()),
             "inside": inside, "calls": active_calls,
             "verify_returns_original": torch.equal(verified, before), "active_err": err(active, before),
             "left_after_exit": patched_forwards(model),
@@ -162,7 +180,7 @@ SCRIPT = PRELUDE + textwrap.dedent('''
     model = models["llama", "float32"]
     with torch.inference_mode():
         before = model(ids).logits
-    calls.update(rms_norm=0, rotate_qk=0)
+    calls.update(rms_norm=0, rotate_qk=0, silu_mul=0)
     on_cpu = fused.FusedOps(model)  # allow_cpu=False: CPU tensors keep the original code
     with torch.inference_mode(), on_cpu:
         with on_cpu.verify():
@@ -175,7 +193,7 @@ SCRIPT = PRELUDE + textwrap.dedent('''
     with ops:
         with torch.inference_mode(), ops.verify():
             model(ids)
-        calls.update(rms_norm=0, rotate_qk=0)
+        calls.update(rms_norm=0, rotate_qk=0, silu_mul=0)
         with_grad = model(ids).logits  # autograd on: parameters require grad, the kernels have no backward
         grad_calls = dict(calls)
         with torch.inference_mode():
@@ -183,7 +201,7 @@ SCRIPT = PRELUDE + textwrap.dedent('''
             q = torch.randn(1, 5, 4, 16).transpose(1, 2)
             k = torch.randn(1, 5, 2, 16).transpose(1, 2)
             cos, sin = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
-            calls.update(rms_norm=0, rotate_qk=0)
+            calls.update(rms_norm=0, rotate_qk=0, silu_mul=0)
             by_keyword = apply(q, k, cos, sin, unsqueeze_dim=1)
             keyword_calls = calls["rotate_qk"]
             by_position = apply(q, k, cos, sin)
@@ -224,10 +242,28 @@ SCRIPT = PRELUDE + textwrap.dedent('''
                     out = norm(x)
                     steps.append({"decision": ops.decisions["FlakyRMSNorm"],
                                   "original": torch.equal(out, reference + 1 if broken else reference)})
-            calls.update(rms_norm=0, rotate_qk=0)
+            calls.update(rms_norm=0, rotate_qk=0, silu_mul=0)
             after = norm(x)
     report["flaky"] = {"steps": steps, "calls": dict(calls), "after_bitwise": torch.equal(after, reference),
                        "verify_outside": outside}
+
+    # an MLP of Llama's layout whose forward is another formula (gate and up swapped) is not fused
+    class SwappedMLP(modeling_llama.LlamaMLP):
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+    swapped = SwappedMLP(models["llama", "float32"].config)
+    x = torch.randn(2, 5, swapped.hidden_size)
+    ops = fused.FusedOps(nn.Sequential(swapped), allow_cpu=True)
+    with torch.inference_mode():
+        reference = swapped(x)
+        with ops:
+            with ops.verify():
+                verified = swapped(x)
+            calls.update(rms_norm=0, rotate_qk=0, silu_mul=0)
+            after = swapped(x)
+    report["swapped_mlp"] = {"decisions": ops.decisions, "calls": dict(calls),
+                             "bitwise": torch.equal(after, reference) and torch.equal(verified, reference)}
 
     # --- entries are counted: patched from the first entry to the last exit ------------------------------
     model = models["llama", "float32"]
@@ -254,7 +290,7 @@ SCRIPT = PRELUDE + textwrap.dedent('''
         plain_blocks = BlockEncoder(model, "fp", fuse=False).encode(blocks, ["a", "b"])
         encoder = BlockEncoder(model, "fp", fuse=True)
         first = encoder.encode(blocks, ["a", "b"])  # verified: the model's own numbers
-        calls.update(rms_norm=0, rotate_qk=0)
+        calls.update(rms_norm=0, rotate_qk=0, silu_mul=0)
         second = encoder.encode(blocks, ["a", "b"])
         errs = [err(got.keys, want.keys) for got, want in zip(second, plain_blocks)]
         errs += [err(got.values, want.values) for got, want in zip(second, plain_blocks)]
@@ -326,6 +362,9 @@ EXPECTED = {  # arch -> (RMSNorm class, fused?) or None where the model normalis
     "qwen2": ("Qwen2RMSNorm", True), "gemma": ("GemmaRMSNorm", False), "phi": None, "stablelm": None,
     "gpt_neox": None,
 }
+GATED_SILU_MLP = {  # arch -> its MLP class where it is a gated MLP with SiLU (Gemma's is GELU; Phi, GPT-NeoX: fc1/fc2)
+    "llama": "LlamaMLP", "qwen3": "Qwen3MLP", "mistral": "MistralMLP", "qwen2": "Qwen2MLP", "stablelm": "StableLmMLP",
+}
 
 
 def test_fused_ops_decisions_and_logits_on_tiny_models(report):
@@ -339,10 +378,15 @@ def test_fused_ops_decisions_and_logits_on_tiny_models(report):
         want = {f"{run['modeling']}.apply_rotary_pos_emb": True}
         if norm is not None:
             want[norm[0]] = norm[1]
+        mlp = GATED_SILU_MLP.get(run["arch"])
+        if mlp is not None:
+            want[mlp] = True
         assert run["decisions"] == want, run
+        assert run["mlp_modules"] == (2 if mlp else 0), run
+        assert (run["calls"]["silu_mul"] > 0) == (mlp is not None), run
         assert run["verify_returns_original"], run
         assert run["inside"]["rotary"], run
-        assert len(run["inside"]["norms"]) == run["rms_norm_modules"], run
+        assert len(run["inside"]["patched"]) == run["rms_norm_modules"] + run["mlp_modules"], run
         assert run["calls"]["rotate_qk"] > 0, run
         fused_norms = norm is not None and norm[1]
         assert (run["calls"]["rms_norm"] > 0) == fused_norms, run
@@ -351,6 +395,25 @@ def test_fused_ops_decisions_and_logits_on_tiny_models(report):
     qwen3 = next(r for r in runs if r["arch"] == "qwen3")
     assert qwen3["rms_norm_modules"] == 2 * 4 + 1  # input, post-attention, q_norm, k_norm per layer; final
     assert qwen3["calls"]["rms_norm"] == qwen3["rms_norm_modules"]
+
+
+def test_silu_mul_matches_float64_and_the_eager_mlp_product(report):
+    """Odd sizes (a partial last tile), transposed inputs; gate and up swapped is far off (negative control)."""
+    cases = report["silu_mul"]
+    assert len(cases) == 6
+    for case in cases:
+        tol = TOL[case["dtype"]]
+        assert case["same_dtype"], case
+        assert case["ref_err"] < tol, case
+        assert case["hf_err"] < tol, case  # the eager product rounds silu(gate) first, the kernel once
+        assert case["strided_err"] < tol, case
+        assert case["swapped_err"] > 0.1, case
+
+
+def test_an_mlp_of_another_formula_is_not_fused(report):
+    swapped = report["swapped_mlp"]
+    assert swapped["decisions"] == {"SwappedMLP": False}, swapped
+    assert swapped["calls"]["silu_mul"] == 0 and swapped["bitwise"], swapped
 
 
 def test_exit_restores_the_model(report):
@@ -362,15 +425,15 @@ def test_exit_restores_the_model(report):
 
 def test_nothing_is_fused_on_cpu_without_allow_cpu(report):
     cpu = report["cpu_not_allowed"]
-    assert cpu["decisions"] == {} and cpu["calls"] == {"rms_norm": 0, "rotate_qk": 0}, cpu
+    assert cpu["decisions"] == {} and cpu["calls"] == {"rms_norm": 0, "rotate_qk": 0, "silu_mul": 0}, cpu
     assert cpu["bitwise"], cpu
 
 
 def test_only_inference_calls_of_the_exact_pattern_are_fused(report):
     """With autograd on, and for a rotary call with an extra argument, the original runs even once verified."""
     calls = report["call_patterns"]
-    assert all(calls["decisions"].values()) and len(calls["decisions"]) == 2, calls
-    assert calls["grad_calls"] == {"rms_norm": 0, "rotate_qk": 0} and calls["grad_bitwise"], calls
+    assert all(calls["decisions"].values()) and len(calls["decisions"]) == 3, calls
+    assert calls["grad_calls"] == {"rms_norm": 0, "rotate_qk": 0, "silu_mul": 0} and calls["grad_bitwise"], calls
     assert calls["keyword_calls"] == 0 and calls["keyword_bitwise"], calls
     assert calls["position_calls"] == 1, calls  # positive control: the same call without the keyword is fused
 
