@@ -5,7 +5,8 @@ Llama-3.1-8B shape, random bf16 weights, the same passages and question as ``ben
   profile   one request through ``BlockEngine.prefill`` (the CUDA-graph path, blocks on the GPU) under
             torch.profiler: GPU time per kind of kernel (matrix products, attention, the gather of the
             context, copies, everything else), kernels launched, and the wall time the GPU sat idle;
-            the same for one encoding batch (``BlockEngine.encode``).
+            the same for the encoding of the request's passages (``BlockEngine.encode``), with the longest
+            stretches the GPU sat idle.
   sweep     the split-KV kernel over the gathered buffer and over 512-token blocks read in place, for every
             launch shape in a grid (row tile, key tile, warps, stages, splits), each captured in a CUDA graph,
             at the context lengths asked for; each output is checked against the default shape's.
@@ -79,7 +80,23 @@ def profile(fn, runs: int = 3) -> dict:
     return {"wall_ms": 1e3 * wall, "gpu_busy_ms": busy / 1e3 / runs,
             "gpu_idle_ms": 1e3 * wall - busy / 1e3 / runs, "kernels": len(kernels) / runs,
             "by_kind_ms": {k: v / 1e3 / runs for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": {k: v / 1e3 / runs for k, v in top.most_common(12)}}
+            "top_kernels_ms": {k: v / 1e3 / runs for k, v in top.most_common(12)},
+            "largest_gaps": _gaps(kernels)}
+
+
+def _gaps(kernels, count: int = 8) -> list[dict]:
+    """The longest stretches with no kernel running: length, when (ms after the first kernel), and the kernels on
+    either side (what the GPU waited after, and for)."""
+    events = sorted(kernels, key=lambda e: e.time_range.start)
+    gaps, end, last = [], None, None
+    for e in events:
+        if end is not None and e.time_range.start > end:
+            gaps.append((e.time_range.start - end, end, last.name[:60], e.name[:60]))
+        if end is None or e.time_range.end > end:
+            end, last = e.time_range.end, e
+    first = events[0].time_range.start if events else 0
+    return [{"ms": gap / 1e3, "at_ms": (at - first) / 1e3, "after": after, "before": before}
+            for gap, at, after, before in sorted(gaps, reverse=True)[:count]]
 
 
 def _union(spans) -> float:
@@ -339,8 +356,9 @@ def main() -> int:
         except Exception as e:  # a profiling failure must not lose the rest of the run
             traceback.print_exc()
             result[name] = repr(e)[:300]
-    batches = iter([passage_texts(tokenizer, 16, 512, seed=100 + i) for i in range(4)])
-    result["encode_batch"] = profile(lambda: engine.encode(next(batches)), runs=2)
+    # the encode that benchmarks/ttft.py times: all the request's passages, in batches of the default budget
+    batches = iter([passage_texts(tokenizer, args.total // 512, 512, seed=100 + i) for i in range(2)])
+    result["encode_batch"] = profile(lambda: engine.encode(next(batches)), runs=1)
     for name in ("prefill_graph", "prefill_graph_host", "encode_batch"):
         p = result[name]
         print(f"\n{name}: wall {p['wall_ms']:.2f} ms, GPU busy {p['gpu_busy_ms']:.2f} ms, "
@@ -349,6 +367,9 @@ def main() -> int:
             print(f"  {kind:10s} {ms:8.2f} ms")
         for kernel, ms in p["top_kernels_ms"].items():
             print(f"    {ms:8.3f} ms  {kernel}")
+        for gap in p["largest_gaps"]:
+            print(f"    idle {gap['ms']:7.3f} ms at {gap['at_ms']:8.3f} ms, "
+                  f"after {gap['after']} before {gap['before']}")
     print("encode tokens/s by budget:", {k: round(v) for k, v in encode.items()})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
