@@ -205,6 +205,19 @@ def context_cache(blocks: Sequence[KVBlock], rope: RopeSpec, config, *, reencode
     return ContextCache(cache, total, context)
 
 
+def copy_groups(layers: int) -> list[range]:
+    """The groups of layers host-resident blocks are copied in (and the CUDA-graph pieces replayed in).
+
+    Eight equal groups, the last one halved down to a single layer: the first layers start once their group has
+    landed, and what follows the last copy (its group's gather and forward) is one layer's work, not an eighth's.
+    """
+    size = max(1, layers // 8)
+    starts = list(range(0, layers, size))
+    while layers - starts[-1] > 1 and len(starts) > 1:
+        starts.append(starts[-1] + (layers - starts[-1]) // 2)
+    return [range(a, b) for a, b in zip(starts, [*starts[1:], layers])]
+
+
 def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callable[[], None]]:
     """Start host->device copies, layer group by layer group, on a side stream; return per-layer 'ready' hooks.
 
@@ -228,18 +241,17 @@ def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callabl
     plans = gather_plans(blocks, staged_k, staged_v, offsets, deltas, rope, device, per_layer=True)
     # NOTE: copies go in groups of layers: one memcpy per block and group keeps the host's issue time well
     # under the transfer time, and a layer still starts as soon as its group has landed.
-    group = max(1, layers // 8)
     events = []
     with torch.cuda.stream(side):
-        for first in range(0, layers, group):
-            last = min(layers, first + group)
+        for group in copy_groups(layers):
+            first, last = group.start, group.stop
             for block, sk, sv, h in zip(blocks, staged_k, staged_v, on_host):
                 if h:
                     sk[first:last].copy_(block.keys[first:last], non_blocking=True)
                     sv[first:last].copy_(block.values[first:last], non_blocking=True)
             event = torch.cuda.Event()
             event.record(side)
-            events += [event] * (last - first)
+            events += [event] * len(group)
     return [_LayerFromHost(events[layer], (staged_k, staged_v), plans, layer, keys[layer], values[layer])
             for layer in range(layers)]
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from blockrag.assemble import _copy_from_host, block_offsets, fast_path, gather_plans
+from blockrag.assemble import _copy_from_host, block_offsets, copy_groups, fast_path, gather_plans
 from blockrag.attention import GraphState, graph_attention  # noqa: F401 (graph_attention: re-exported)
 from blockrag.fused import FusedOps
 from blockrag.hf import KVCache, buffer_cache, forward, slot_cache
@@ -278,9 +278,8 @@ class FinalBlockGraphs:
         ids, positions, last = inputs.ids, inputs.positions, inputs.last
         mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # 4D: transformers builds no mask
         layers = self.keys.shape[0]
-        group = max(1, layers // 8)  # the copy groups of assemble._copy_from_host
-        starts = list(range(group, layers, group))  # layers whose first cache update opens a new piece
-        groups = [range(a, b) for a, b in zip([0, *starts], [*starts, layers])]
+        groups = copy_groups(layers)  # the copy groups of assemble._copy_from_host
+        starts = [group.start for group in groups[1:]]  # layers whose first cache update opens a new piece
         graphs = [torch.cuda.CUDAGraph() for _ in groups]
         pool = torch.cuda.graph_pool_handle()
         switch = {"on": False, "piece": 0}
