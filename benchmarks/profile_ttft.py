@@ -344,11 +344,16 @@ def main() -> int:
     blocks = blocks[: args.total // 512 - 1]
     result["prefill_graph"] = profile(lambda: engine.prefill(blocks, question))
     host = [dataclasses.replace(b, keys=b.keys.cpu().pin_memory(), values=b.values.cpu().pin_memory()) for b in blocks]
+    host_fp8 = [dataclasses.replace(q, keys=q.keys.cpu().pin_memory(), values=q.values.cpu().pin_memory(),
+                                    key_scale=q.key_scale.cpu(), value_scale=q.value_scale.cpu())
+                for q in (b.quantize() for b in blocks)]
     result["prefill_graph_host"] = profile(lambda: engine.prefill(host, question), runs=2)
+    result["prefill_graph_host_fp8"] = profile(lambda: engine.prefill(host_fp8, question), runs=2)
     fresh = iter([passage_texts(tokenizer, 16, 512, seed=200 + i) for i in range(16)])
     for name, call, targets, runs in (
             ("stages_graph", lambda: engine.prefill(blocks, question), request_targets(engine), 7),
             ("stages_graph_host", lambda: engine.prefill(host, question), request_targets(engine), 3),
+            ("stages_graph_host_fp8", lambda: engine.prefill(host_fp8, question), request_targets(engine), 3),
             ("stages_encode", lambda: engine.encode(next(fresh)), encode_targets(engine), 3)):
         try:
             result[name] = stages(call, targets, runs=runs, profiled=min(runs, 10))
@@ -359,7 +364,7 @@ def main() -> int:
     # the encode that benchmarks/ttft.py times: all the request's passages, in batches of the default budget
     batches = iter([passage_texts(tokenizer, args.total // 512, 512, seed=100 + i) for i in range(2)])
     result["encode_batch"] = profile(lambda: engine.encode(next(batches)), runs=1)
-    for name in ("prefill_graph", "prefill_graph_host", "encode_batch"):
+    for name in ("prefill_graph", "prefill_graph_host", "prefill_graph_host_fp8", "encode_batch"):
         p = result[name]
         print(f"\n{name}: wall {p['wall_ms']:.2f} ms, GPU busy {p['gpu_busy_ms']:.2f} ms, "
               f"idle {p['gpu_idle_ms']:.2f} ms, {p['kernels']:.0f} kernels")
