@@ -86,12 +86,12 @@ def _rotate_head(src, dst, t, t_ok, t_stride, dim_stride, c1, s1, c2, s2,
 
 
 @triton.jit
-def _rotary_kernel(q, k, cos, sin, q_out, k_out, T, HQ, HK,
+def _rotary_kernel(q, k, cos, sin, q_out, k_out, T, HQ, HK, PER,
                    q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd, c_sb, c_st, c_sd, s_sb, s_st, s_sd,
                    D: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, REST: tl.constexpr,
                    REST_P2: tl.constexpr, BLOCK_T: tl.constexpr):
     tile = tl.program_id(0).to(tl.int64)  # (batch row, tile of BLOCK_T tokens)
-    head = tl.program_id(1)  # 0..HQ-1: a query head, HQ..HQ+HK-1: a key head
+    group = tl.program_id(1)  # heads group * PER ..: 0..HQ-1 query heads, HQ..HQ+HK-1 key heads
     tiles = tl.cdiv(T, BLOCK_T)
     b = tile // tiles
     t = (tile % tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -104,13 +104,18 @@ def _rotary_kernel(q, k, cos, sin, q_out, k_out, T, HQ, HK,
     c2 = tl.load(c_rows + (HALF + d)[None, :] * c_sd, mask=m, other=0.0).to(tl.float32)
     s1 = tl.load(s_rows + d[None, :] * s_sd, mask=m, other=0.0).to(tl.float32)
     s2 = tl.load(s_rows + (HALF + d)[None, :] * s_sd, mask=m, other=0.0).to(tl.float32)
-    if head < HQ:
-        _rotate_head(q + b * q_sb + head * q_sh, q_out + (b * HQ + head) * T * D, t, t_ok, q_st, q_sd,
-                     c1, s1, c2, s2, D, HALF, HALF_P2, REST, REST_P2)
-    else:
-        kh = head - HQ
-        _rotate_head(k + b * k_sb + kh * k_sh, k_out + (b * HK + kh) * T * D, t, t_ok, k_st, k_sd,
-                     c1, s1, c2, s2, D, HALF, HALF_P2, REST, REST_P2)
+    for i in range(PER):  # the angles are loaded once for all of the group's heads
+        head = group * PER + i
+        if head < HQ:
+            _rotate_head(q + b * q_sb + head * q_sh, q_out + (b * HQ + head) * T * D, t, t_ok, q_st, q_sd,
+                         c1, s1, c2, s2, D, HALF, HALF_P2, REST, REST_P2)
+        elif head < HQ + HK:
+            kh = head - HQ
+            _rotate_head(k + b * k_sb + kh * k_sh, k_out + (b * HK + kh) * T * D, t, t_ok, k_st, k_sd,
+                         c1, s1, c2, s2, D, HALF, HALF_P2, REST, REST_P2)
+
+
+_ROTARY_PROGRAMS = 1024  # programs rotate_qk aims at: heads are grouped per program only past this many
 
 
 def rotate_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,10 +141,14 @@ def rotate_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, T
     if q.numel() == 0 or k.numel() == 0:
         return q_out, k_out
     half, rest = rotary // 2, dim - rotary
-    # NOTE: a tile of tokens per program: one program per (token, head) left a 16 x 513-token batch at ~25 GB/s
+    # NOTE: a tile of tokens per program: one program per (token, head) left a 16 x 513-token batch at ~25 GB/s.
+    # Where there are many tiles (encoding), a program takes several heads: one per (tile, head) moved 4 KB each
+    # and re-read the angles for every head.
     block_t = min(16, triton.next_power_of_2(tokens))
-    _rotary_kernel[(batch * triton.cdiv(tokens, block_t), q_heads + k_heads)](
-        q, k, cos, sin, q_out, k_out, tokens, q_heads, k_heads, *q.stride(), *k.stride(), *cos.stride(),
+    tiles, heads = batch * triton.cdiv(tokens, block_t), q_heads + k_heads
+    per = triton.cdiv(heads, min(heads, triton.cdiv(_ROTARY_PROGRAMS, tiles)))
+    _rotary_kernel[(tiles, triton.cdiv(heads, per))](
+        q, k, cos, sin, q_out, k_out, tokens, q_heads, k_heads, per, *q.stride(), *k.stride(), *cos.stride(),
         *sin.stride(), D=dim, HALF=half, HALF_P2=triton.next_power_of_2(half), REST=rest,
         REST_P2=triton.next_power_of_2(max(1, rest)), BLOCK_T=block_t, num_warps=2 if block_t * dim >= 1024 else 1,
     )

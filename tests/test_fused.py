@@ -93,6 +93,13 @@ SCRIPT = PRELUDE + textwrap.dedent('''
             hf = modeling_llama if rotary == dim else modeling_gpt_neox  # Llama's needs R == D
             out_q, out_k = fused.rotate_qk(q, k, cos, sin)
             want_q, want_k = hf.apply_rotary_pos_emb(q, k, cos, sin)
+            grouped = []  # several heads per program (as for encoding's many tokens): all heads, then a partial group
+            for programs in (1, 5):
+                fused._ROTARY_PROGRAMS, default = programs, fused._ROTARY_PROGRAMS
+                try:
+                    grouped.append(fused.rotate_qk(q, k, cos, sin))
+                finally:
+                    fused._ROTARY_PROGRAMS = default
             bad_q, bad_k = fused.rotate_qk(q, k, cos, -sin)
             report["rotary"].append({
                 "dtype": name, "case": [q_heads, k_heads, dim, rotary, angle_batch],
@@ -101,6 +108,7 @@ SCRIPT = PRELUDE + textwrap.dedent('''
                 "same_dtype": (out_q.dtype, out_k.dtype, out_q.shape, out_k.shape) == (
                     want_q.dtype, want_k.dtype, want_q.shape, want_k.shape),
                 "sin_sign_err": max(err(bad_q, want_q), err(bad_k, want_k)),
+                "grouped_bitwise": all(torch.equal(gq, out_q) and torch.equal(gk, out_k) for gq, gk in grouped),
             })
 
     # --- silu_mul ------------------------------------------------------------------------------------------
@@ -346,7 +354,7 @@ def test_rms_norm_negative_controls(report):
 
 def test_rotary_matches_float64_and_hf_on_strided_views(report):
     """Non-contiguous q / k / cos / sin, Hq != Hk, cos broadcast over the batch, partial rotary (GPT-NeoX's
-    function); swapping the sign of sin is far off (negative control)."""
+    function), one head or several per program; swapping the sign of sin is far off (negative control)."""
     cases = report["rotary"]
     assert len(cases) == 9
     for case in cases:
@@ -355,6 +363,7 @@ def test_rotary_matches_float64_and_hf_on_strided_views(report):
         assert case["ref_err"] < tol, case
         assert case["hf_err"] < tol, case  # HF rounds each of its three ops to 16 bits, the kernel once
         assert case["sin_sign_err"] > 0.5, case
+        assert case["grouped_bitwise"], case
 
 
 EXPECTED = {  # arch -> (RMSNorm class, fused?) or None where the model normalises with LayerNorm
