@@ -213,7 +213,7 @@ def copy_groups(layers: int) -> list[range]:
     """
     size = max(1, layers // 8)
     starts = list(range(0, layers, size))
-    while layers - starts[-1] > 1 and len(starts) > 1:
+    while layers - starts[-1] > 1:
         starts.append(starts[-1] + (layers - starts[-1]) // 2)
     return [range(a, b) for a, b in zip(starts, [*starts[1:], layers])]
 

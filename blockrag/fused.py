@@ -115,10 +115,7 @@ def _rotary_kernel(q, k, cos, sin, q_out, k_out, T, HQ, HK, PER,
                          c1, s1, c2, s2, D, HALF, HALF_P2, REST, REST_P2)
 
 
-_ROTARY_PROGRAMS = 1024  # programs rotate_qk aims at: heads are grouped per program only past this many
-
-
-def rotate_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+def rotate_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, programs: int = 1024) -> tuple[Tensor, Tensor]:
     """HF's ``apply_rotary_pos_emb(q, k, cos, sin)`` (rotate-half) for queries and keys in one launch.
 
     ``x * cos + rotate_half(x) * sin`` on the first R dims in fp32 with one rounding; dims R..D are copied, as
@@ -128,6 +125,7 @@ def rotate_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, T
         q: (B, Hq, T, D) float16 / bfloat16 / float32, any strides (HF passes ``.view(...).transpose(1, 2)``).
         k: (B, Hk, T, D), any strides.
         cos, sin: (B or 1, T, R), any strides; R even, R <= D.
+        programs: programs to aim at; past this many (token tile, head) pairs, a program takes several heads.
     Returns:
         (q_embed, k_embed): contiguous (B, Hq, T, D) and (B, Hk, T, D), each of the dtype torch promotes
         x, cos and sin to.
@@ -146,7 +144,7 @@ def rotate_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, T
     # and re-read the angles for every head.
     block_t = min(16, triton.next_power_of_2(tokens))
     tiles, heads = batch * triton.cdiv(tokens, block_t), q_heads + k_heads
-    per = triton.cdiv(heads, min(heads, triton.cdiv(_ROTARY_PROGRAMS, tiles)))
+    per = triton.cdiv(heads, min(heads, triton.cdiv(programs, tiles)))
     _rotary_kernel[(tiles, triton.cdiv(heads, per))](
         q, k, cos, sin, q_out, k_out, tokens, q_heads, k_heads, per, *q.stride(), *k.stride(), *cos.stride(),
         *sin.stride(), D=dim, HALF=half, HALF_P2=triton.next_power_of_2(half), REST=rest,

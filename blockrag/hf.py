@@ -214,6 +214,9 @@ def prefill_kv(model: nn.Module, input_ids: Tensor, *, position_ids: Tensor | No
     except _KeysComplete as stopped:
         if stopped is not done:  # another prefill's (a model called inside a model): not ours to end
             raise
+        # NOTE: its traceback holds the forward's frames (activations) and this one, which holds it: a cycle
+        # that would keep them until the garbage collector runs
+        done.__traceback__ = None
     return cache
 
 

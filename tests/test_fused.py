@@ -93,13 +93,8 @@ SCRIPT = PRELUDE + textwrap.dedent('''
             hf = modeling_llama if rotary == dim else modeling_gpt_neox  # Llama's needs R == D
             out_q, out_k = fused.rotate_qk(q, k, cos, sin)
             want_q, want_k = hf.apply_rotary_pos_emb(q, k, cos, sin)
-            grouped = []  # several heads per program (as for encoding's many tokens): all heads, then a partial group
-            for programs in (1, 5):
-                fused._ROTARY_PROGRAMS, default = programs, fused._ROTARY_PROGRAMS
-                try:
-                    grouped.append(fused.rotate_qk(q, k, cos, sin))
-                finally:
-                    fused._ROTARY_PROGRAMS = default
+            # several heads per program (as for encoding's many tokens): all heads in one, then a partial group
+            grouped = [fused.rotate_qk(q, k, cos, sin, programs=programs) for programs in (1, 5)]
             bad_q, bad_k = fused.rotate_qk(q, k, cos, -sin)
             report["rotary"].append({
                 "dtype": name, "case": [q_heads, k_heads, dim, rotary, angle_batch],
@@ -123,8 +118,7 @@ SCRIPT = PRELUDE + textwrap.dedent('''
                 "dtype": name, "shape": list(shape), "ref_err": err(out, ref), "hf_err": err(out, want),
                 "same_dtype": out.dtype == want.dtype and out.shape == want.shape,
                 "swapped_err": err(fused.silu_mul(up, gate), want),
-                "strided_err": err(fused.silu_mul(gate.t() if gate.dim() == 2 else gate, up.t() if up.dim() == 2
-                                                  else up), want.t() if want.dim() == 2 else want),
+                "strided_err": err(fused.silu_mul(gate.mT, up.mT), want.mT),  # transposed views
             })
 
     # --- FusedOps on tiny models ---------------------------------------------------------------------------

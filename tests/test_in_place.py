@@ -111,3 +111,11 @@ def test_filled_context_slots_equal_the_assembled_buffer(make_engine):
     layer.update(new, new)
     keys, _ = layer.update(new, new)
     assert (keys[:, :, :total] - assembled.layers[0].keys).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("layers", [1, 2, 7, 16, 28, 32, 80])
+def test_copy_groups_cover_every_layer_once_and_end_on_a_single_layer(layers):
+    groups = assemble_module.copy_groups(layers)
+    assert [layer for group in groups for layer in group] == list(range(layers))
+    assert len(groups[-1]) == 1  # what follows the last copy is one layer's work
+    assert max(len(group) for group in groups) == max(1, layers // 8)
