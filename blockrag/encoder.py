@@ -21,6 +21,12 @@ from blockrag.hf import prefill_kv, stacked_kv
 from blockrag.kv import KVBlock
 
 
+def fits(count: int, longest: int, token_budget: int) -> bool:
+    """Whether ``count`` blocks, the longest of ``longest`` tokens, make one batch within ``token_budget``
+    (padded to the longest); a single block always does."""
+    return count <= 1 or count * longest <= token_budget
+
+
 def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     """Group block indices so that each batch's (count x longest) stays within token_budget.
 
@@ -32,7 +38,7 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     current: list[int] = []
     for i in order:
         longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1) * longest > token_budget:
+        if not fits(len(current) + 1, longest, token_budget):
             batches.append(current)
             current = []
         current.append(i)

@@ -24,7 +24,7 @@ from torch import nn
 from blockrag.assemble import assemble_cache, context_cache, reads_in_place
 from blockrag.blocks import BlockSource
 from blockrag.decode import SamplingParams, decode_loop, eos_ids, sync
-from blockrag.encoder import BlockEncoder
+from blockrag.encoder import BlockEncoder, fits
 from blockrag.errors import InvalidInputError
 from blockrag.hf import AttentionSwitch, attention_implementation, forward
 from blockrag.kv import KVBlock, block_key, check_block, model_fingerprint
@@ -199,7 +199,7 @@ class BlockEngine:
         longest = 0
         for text in texts:
             block_ids = self.template.tokenize(self.tokenizer, text)
-            if ids and (len(ids) + 1) * max(longest, len(block_ids)) > self.encoder.token_budget:
+            if not fits(len(ids) + 1, max(longest, len(block_ids)), self.encoder.token_budget):
                 blocks += self.blocks.fetch(ids, texts[len(blocks):len(blocks) + len(ids)])[0]
                 ids, longest = [], 0
             ids.append(block_ids)
