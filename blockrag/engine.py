@@ -41,6 +41,9 @@ Mode = Literal["block", "full"]
 
 _SHARED: dict[tuple, BlockEngine] = {}
 _SHARED_LOCK = threading.Lock()
+# Passages tokenized per tokenizer call in ``encode``: enough for a fast tokenizer's threads, few enough that
+# the first batch reaches the encoder early.
+TOKENIZE_CHUNK = 8
 
 
 class BlockEngine:
@@ -193,17 +196,19 @@ class BlockEngine:
             if not (p.text if isinstance(p, Passage) else p).strip():
                 raise InvalidInputError(f"expected non-empty passages, found an empty one at index {i}")
         # NOTE: passages go to the block source a batch at a time, as soon as a batch's worth is tokenized: the
-        # encoder does not wait for the GPU, so the next batch is tokenized while this one is encoded.
+        # encoder does not wait for the GPU, so the next batch is tokenized while this one is encoded. Texts are
+        # tokenized a few per call (a fast tokenizer spreads a call over its threads), so the first batch, whose
+        # tokenizing nothing overlaps, reaches the GPU sooner than one text at a time would let it.
         blocks: list[KVBlock] = []
         ids: list[list[int]] = []
         longest = 0
-        for text in texts:
-            block_ids = self.template.tokenize(self.tokenizer, text)
-            if not fits(len(ids) + 1, max(longest, len(block_ids)), self.encoder.token_budget):
-                blocks += self.blocks.fetch(ids, texts[len(blocks):len(blocks) + len(ids)])[0]
-                ids, longest = [], 0
-            ids.append(block_ids)
-            longest = max(longest, len(block_ids))
+        for first in range(0, len(texts), TOKENIZE_CHUNK):
+            for block_ids in self.template.tokenize_many(self.tokenizer, texts[first:first + TOKENIZE_CHUNK]):
+                if not fits(len(ids) + 1, max(longest, len(block_ids)), self.encoder.token_budget):
+                    blocks += self.blocks.fetch(ids, texts[len(blocks):len(blocks) + len(ids)])[0]
+                    ids, longest = [], 0
+                ids.append(block_ids)
+                longest = max(longest, len(block_ids))
         return blocks + self.blocks.fetch(ids, texts[len(blocks):])[0]
 
     def stored_blocks(self, keys: Sequence[str]) -> list[KVBlock]:

@@ -61,6 +61,15 @@ def test_blocks_are_tokenized_separately_not_as_a_joined_string(make_engine, tok
                                                   add_special_tokens=False)["input_ids"]
 
 
+def test_tokenize_many_equals_tokenize_of_each(tokenizer):
+    t = get_template("tulu3-block")
+    texts = [t.render_passage(x) for x in ("Short.", "Les élèves à l'école. 東京 🚀", "  spaced  out  ", "x" * 300)]
+    many = t.tokenize_many(tokenizer, texts)
+    assert many == [t.tokenize(tokenizer, x) for x in texts]
+    assert len(set(map(tuple, many))) == len(texts)  # control: different texts, different ids
+    assert t.tokenize_many(tokenizer, []) == []
+
+
 def test_custom_template_and_braces_in_text(tokenizer):
     t = BlockTemplate(prefix="SYS {instruction}|", passage="[{title}] {text}|", final="Q: {question} A:",
                       passage_untitled="{text}|", instruction="be brief")
