@@ -48,9 +48,9 @@ def test_plan_batches_respects_budget_and_covers_everything():
 
 def test_engine_encode_hands_over_a_batch_at_a_time_in_order(make_model, tokenizer):
     """BlockEngine.encode tokenizes (a few texts a call) and hands passages to the encoder a batch at a time; the
-    blocks come back in the passages' order, equal to each passage encoded alone (duplicates across batches come from the store)."""
+    blocks come back in the passages' order, equal to each passage encoded alone (duplicates across batches come
+    from the store)."""
     from blockrag import BlockEngine
-
     from blockrag.engine import TOKENIZE_CHUNK
 
     model = make_model("llama")
