@@ -225,18 +225,20 @@ class FinalBlockGraphs:
             segments.append(Segment(self.keys, self.values, context * dim, heads * cap * dim, cap * dim, q, 0))
         elif self.rotary_half is not None:  # the buffer, context gathered into it
             segments = [Segment(self.keys, self.values, 0, heads * cap * dim, cap * dim, context + q, 0)]
-        # The request's inputs go up first, from pinned memory: a small copy queued after the context's bulk
-        # host-to-device copies would wait for all of them, and the first piece with it.
+        # Device-resident blocks are gathered before the request's inputs are written: the GPU gathers while the
+        # host fills the inputs. Host-resident blocks' inputs go up first, from pinned memory: a small copy queued
+        # after the context's bulk host-to-device copies would wait for all of them, and the first piece with it.
+        gather_first = not in_place and not on_host
+        if gather_first:
+            self._gather(blocks, offsets, deltas, rope)
         captured.inputs.upload(final_ids, context, self.chunk, self.max_splits, segments, rope.inv_freq)
         ready, fill = None, None
         if in_place:  # before the first decoding step: the context into the buffer
             fill = functools.partial(self._gather, blocks, offsets, deltas, rope)
         elif on_host and self.pipeline_host and len(captured.graphs) > 1:
             ready = _copy_from_host(blocks, offsets, deltas, rope, self.keys, self.values)  # per-layer hooks
-        else:
-            if on_host:
-                blocks = [b.to(self.keys.device, non_blocking=True) for b in blocks]
-            self._gather(blocks, offsets, deltas, rope)
+        elif not gather_first:
+            self._gather([b.to(self.keys.device, non_blocking=True) for b in blocks], offsets, deltas, rope)
         for graph, group in zip(captured.graphs, captured.groups):
             if ready is not None:
                 for layer in group:
