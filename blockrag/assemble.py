@@ -218,6 +218,25 @@ def copy_groups(layers: int) -> list[range]:
     return [range(a, b) for a, b in zip(starts, [*starts[1:], layers])]
 
 
+STAGING_ALIGN = 256  # bytes: each staged tensor starts on this boundary (the gather's aligned loads need 16)
+
+
+def staging_views(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, list[Tensor]]:
+    """(buffer, views): one uninitialised byte buffer on ``device`` and, per tensor, a contiguous view of it with
+    that tensor's shape and dtype, each starting on a ``STAGING_ALIGN``-byte boundary, none overlapping.
+
+    NOTE: one allocation a request instead of one per block and side: at 32K context, 126 allocations (plus as
+    many stream records) took ~2 ms of host time before the first host-to-device copy could be issued.
+    """
+    starts, total = [], 0
+    for tensor in tensors:
+        starts.append(total)
+        total += -(-tensor.numel() * tensor.element_size() // STAGING_ALIGN) * STAGING_ALIGN
+    buffer = torch.empty(total, dtype=torch.uint8, device=device)
+    return buffer, [buffer.narrow(0, start, t.numel() * t.element_size()).view(t.dtype).view(t.shape)
+                    for start, t in zip(starts, tensors)]
+
+
 def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callable[[], None]]:
     """Start host->device copies, layer group by layer group, on a side stream; return per-layer 'ready' hooks.
 
@@ -229,14 +248,11 @@ def _copy_from_host(blocks, offsets, deltas, rope, keys, values) -> list[Callabl
     side = torch.cuda.Stream(device)
     side.wait_stream(compute)  # the buffers were allocated on the compute stream
     on_host = [b.device.type == "cpu" for b in blocks]
-    staged_k = [torch.empty(b.keys.shape, dtype=b.dtype, device=device) if h else b.keys
-                for b, h in zip(blocks, on_host)]
-    staged_v = [torch.empty(b.values.shape, dtype=b.dtype, device=device) if h else b.values
-                for b, h in zip(blocks, on_host)]
-    for sk, sv, h in zip(staged_k, staged_v, on_host):
-        if h:  # written on the side stream: not reusable before those copies finish
-            sk.record_stream(side)
-            sv.record_stream(side)
+    staging, views = staging_views([t for b, h in zip(blocks, on_host) if h for t in (b.keys, b.values)], device)
+    staging.record_stream(side)  # written on the side stream: not reusable before those copies finish
+    views = iter(views)
+    staged = [(next(views), next(views)) if h else (b.keys, b.values) for b, h in zip(blocks, on_host)]
+    staged_k, staged_v = [k for k, _ in staged], [v for _, v in staged]
     layers = keys.shape[0]
     plans = gather_plans(blocks, staged_k, staged_v, offsets, deltas, rope, device, per_layer=True)
     # NOTE: copies go in groups of layers: one memcpy per block and group keeps the host's issue time well

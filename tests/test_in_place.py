@@ -119,3 +119,26 @@ def test_copy_groups_cover_every_layer_once_and_end_on_a_single_layer(layers):
     assert [layer for group in groups for layer in group] == list(range(layers))
     assert len(groups[-1]) == 1  # what follows the last copy is one layer's work
     assert max(len(group) for group in groups) == max(1, layers // 8)
+
+
+def test_staging_views_are_aligned_disjoint_views_of_one_buffer():
+    """Host blocks' staging: every tensor gets its own shape, dtype and aligned bytes of one buffer; a round trip
+    through all of them gives each tensor back (overlapping views would clobber one another)."""
+    torch.manual_seed(0)
+    tensors = [torch.randn(2, 3, 5, 8, dtype=torch.bfloat16), torch.randn(2, 3, 5, 8).to(torch.float8_e4m3fn),
+               torch.randn(3, 7, dtype=torch.float16), torch.randn(2, 3, 1, 8, dtype=torch.bfloat16)]
+    buffer, views = assemble_module.staging_views(tensors, torch.device("cpu"))
+    assert buffer.dtype == torch.uint8 and buffer.dim() == 1
+    for view, tensor in zip(views, tensors):
+        assert view.shape == tensor.shape and view.dtype == tensor.dtype and view.is_contiguous()
+        assert view.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        assert (view.data_ptr() - buffer.data_ptr()) % assemble_module.STAGING_ALIGN == 0
+    for view, tensor in zip(views, tensors):
+        view.copy_(tensor)
+    for view, tensor in zip(views, tensors):
+        assert torch.equal(view.view(torch.uint8), tensor.view(torch.uint8))
+    # negative control: views laid over each other (no padding between them) do clobber
+    clash = buffer.narrow(0, 0, 2 * 8 * 2).view(torch.bfloat16)
+    clash.fill_(1.0)
+    assert not torch.equal(views[0].view(torch.uint8), tensors[0].view(torch.uint8))
+    assert assemble_module.staging_views([], torch.device("cpu"))[1] == []
