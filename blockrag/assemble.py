@@ -86,11 +86,10 @@ def gather_plans(blocks: Sequence[KVBlock], keys: Sequence[Tensor], values: Sequ
         if fp8:
             # NOTE: every block's scales go up as one tensor (nb, 2, L, H): a blocking copy per block and scale, 126
             # at 32K context, held the first host-to-device copy back by milliseconds.
-            pairs = [torch.stack((blocks[i].key_scale, blocks[i].value_scale)).float() for i in chosen]
-            if all(pair.device.type == "cpu" for pair in pairs):
-                stacked = torch.stack(pairs).to(device, non_blocking=True)
-            else:
-                stacked = torch.stack([pair.to(device, non_blocking=True) for pair in pairs])
+            sides = [[blocks[i].key_scale for i in chosen], [blocks[i].value_scale for i in chosen]]
+            if any(scale.device != sides[0][0].device for side in sides for scale in side):
+                sides = [[scale.to(device, non_blocking=True) for scale in side] for side in sides]
+            stacked = torch.stack([torch.stack(side) for side in sides], 1).float().to(device, non_blocking=True)
             step = stacked[0, 0].numel() * stacked.element_size()
             scales = upload_rows([[stacked.data_ptr() + (2 * j + side) * step for j in range(len(chosen))]
                                    for side in (0, 1)], device)
