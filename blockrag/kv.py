@@ -146,6 +146,8 @@ class KVBlock:
 
 def same_device(a: torch.device, b: torch.device) -> bool:
     """Equal devices, treating "cuda" and "cuda:<current>" as the same."""
+    if isinstance(a, torch.device) and a == b:  # NOTE: the common case, checked per block and request, stays cheap
+        return True
     a, b = torch.device(a), torch.device(b)
     if a.type != b.type:
         return False

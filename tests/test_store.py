@@ -356,3 +356,12 @@ def test_quantized_blocks_are_stored_as_they_are_and_fp8_can_stay_quantized(tmp_
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert isinstance(create_store(f"disk://{tmp_path}/x?fp8=1&dequantize=0"), DiskKVStore)
     assert not create_store(f"disk://{tmp_path}/x?fp8=1&dequantize=0").dequantize
+
+
+def test_same_device_compares_type_and_index():
+    from blockrag.kv import same_device
+
+    assert same_device(torch.device("cpu"), torch.device("cpu")) and same_device(torch.device("cpu"), "cpu")
+    assert same_device(torch.device("cuda", 1), torch.device("cuda", 1))
+    assert not same_device(torch.device("cuda", 0), torch.device("cuda", 1))  # controls: another index, type
+    assert not same_device(torch.device("cpu"), torch.device("cuda", 0)) and not same_device("cuda:0", "cpu")
