@@ -212,8 +212,8 @@ def encode_targets(engine) -> list:
     """The steps of ``BlockEngine.encode`` that ``stages`` marks."""
     import blockrag.encoder as encoder_module
 
-    return [(type(engine.template), "tokenize", "tokenize"), (engine.blocks.encoder, "_forward", "batch forward"),
-            (encoder_module, "forward", "model forward"), (engine.blocks.store, "put", "store put")]
+    return [(type(engine.template), "tokenize_many", "tokenize"), (engine.blocks.encoder, "_forward", "batch forward"),
+            (encoder_module, "prefill_kv", "model forward"), (engine.blocks.store, "put", "store put")]
 
 
 def print_stages(name: str, result: dict) -> None:
