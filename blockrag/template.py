@@ -113,7 +113,7 @@ class BlockTemplate:
 
     def tokenize(self, tokenizer, text: str, *, first: bool = False) -> list[int]:
         """Token ids of one block. BOS only when ``first`` (block 0) and the template asks for it."""
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = self.tokenize_many(tokenizer, [text])[0]
         if first and self._wants_bos(tokenizer, text):
             ids.insert(0, tokenizer.bos_token_id)
         return ids
